@@ -1,0 +1,1 @@
+//! Path normalisation and the route table.

@@ -1,0 +1,1 @@
+//! Challenge state: the `ChallengeStore` trait and its implementations.
