@@ -1,1 +1,205 @@
-fn main() {}
+//! The `stepgate` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stepgate::cli;
+use stepgate::config::{parse_duration, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "stepgate",
+    version,
+    about = "Step-up authentication reverse proxy"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "STEPGATE_CONFIG",
+        default_value = "gateway.yaml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate the config file and print a summary.
+    Check,
+    /// Show which rule matches a request and what it needs.
+    Explain {
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// A path (/admin/x) or a full URL (https://app.example.com/admin/x).
+        url: String,
+    },
+    /// Mint a primary access token the config accepts (for trials and tests).
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        phone: Option<String>,
+        /// Session id claim (`sid`).
+        #[arg(long)]
+        sid: Option<String>,
+        /// Lifetime, e.g. 1h.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Private key PEM (instead of the config's HS secret).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Algorithm for --key, e.g. RS256, ES256, EdDSA.
+        #[arg(long, default_value = "RS256")]
+        alg: String,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(1)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let config = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            stepgate::telemetry::init_logging(&config.log);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(stepgate::run(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("stepgate: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Check => match load(&cli.config) {
+            Ok(c) => {
+                print!("{}", cli::summary(&c));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Explain { method, url } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match cli::explain(&c, &method, &url) {
+                Ok(s) => {
+                    print!("{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Token {
+            sub,
+            email,
+            phone,
+            sid,
+            ttl,
+            key,
+            alg,
+        } => {
+            let c = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let ttl = match parse_duration(&ttl) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("--ttl: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let key = match key {
+                None => None,
+                Some(path) => {
+                    let pem = match std::fs::read(&path) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            eprintln!("{}: {e}", path.display());
+                            return ExitCode::from(1);
+                        }
+                    };
+                    match alg.parse() {
+                        Ok(a) => Some((pem, a)),
+                        Err(_) => {
+                            eprintln!("--alg: unknown algorithm {alg:?}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+            };
+            let req = cli::TokenRequest {
+                sub: &sub,
+                email: email.as_deref(),
+                phone: phone.as_deref(),
+                sid: sid.as_deref(),
+                ttl,
+                key,
+            };
+            match cli::mint(&c, &req) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

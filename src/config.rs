@@ -1,0 +1,2020 @@
+//! The config file: raw serde schema -> `validate()` -> immutable [`Config`].
+//!
+//! Loading happens in three steps so that every problem is reported with
+//! `FILE:LINE:COL: key.path: message`:
+//! 1. `serde_yaml` parses the text into [`raw`] structs that refuse unknown
+//!    keys; `${NAME}` is substituted inside every string as it is read, so an
+//!    unset variable is reported at the place it is used.
+//! 2. A position index built from the same text (yaml-rust2's event parser,
+//!    which keeps marks) maps key paths like `routes[2].stepup.max_age` to
+//!    their line and column.
+//! 3. [`validate`] walks the raw structs once, collects *every* semantic
+//!    problem, and builds the typed `Config` only when there is none.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use ipnet::IpNet;
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+use crate::delivery::email::{EmailSettings, SmtpSecurity};
+use crate::delivery::sms::SmsSettings;
+use crate::delivery::Channel;
+use crate::policy::{Action, DefaultPolicy, Glob, HostPattern, PathMatcher, Policy, Rule, StepUp};
+
+/// One problem in a config file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub col: usize,
+    /// Key path such as `stepup.otp.ttl`; empty for file-level problems.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: ", self.file.display(), p.line, p.col)?;
+            if !p.key.is_empty() {
+                write!(f, "{}: ", p.key)?;
+            }
+            f.write_str(&p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated, immutable configuration.
+#[derive(Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listen: Listen,
+    pub admin: Admin,
+    pub upstream: Upstream,
+    pub identity: Identity,
+    pub stepup: Stepup,
+    pub store: StoreConfig,
+    pub policy: Policy,
+    pub log: Log,
+    /// Development mode: allows the console channel.
+    pub dev: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    /// Largest request head (request line + headers) accepted; 431 above.
+    pub max_header_bytes: usize,
+    /// Longest request target accepted; 414 above.
+    pub max_uri_bytes: usize,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may take to finish at shutdown.
+    pub drain_timeout: Duration,
+    /// Peers whose `X-Forwarded-For`/`-Proto`/`-Host` are trusted and extended.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Scheme and authority of the upstream; its path (if any) is a prefix.
+    pub url: Uri,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for an https upstream.
+    pub ca_file: Option<PathBuf>,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+/// A key that checks primary tokens.
+#[derive(Clone)]
+pub struct JwtKeys {
+    /// Keys by `kid` (JWKS); the empty string holds the key used when a
+    /// token names no `kid` or there is only one.
+    pub keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+}
+
+#[derive(Clone)]
+pub struct Jwt {
+    pub from_header: bool,
+    pub from_cookie: bool,
+    pub cookie: String,
+    pub algorithms: Vec<Algorithm>,
+    pub keys: JwtKeys,
+    /// The HS secret, kept so `stepgate token` can mint trial tokens.
+    pub hs_secret: Option<Vec<u8>>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrustedHeader {
+    pub user: http::HeaderName,
+    pub email: Option<http::HeaderName>,
+    pub from: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClaimNames {
+    pub subject: String,
+    pub email: String,
+    pub phone: String,
+}
+
+#[derive(Clone)]
+pub struct Identity {
+    pub jwt: Option<Jwt>,
+    pub trusted_header: Option<TrustedHeader>,
+    pub claims: ClaimNames,
+    pub login_url: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Otp {
+    pub length: u32,
+    pub ttl: Duration,
+    pub max_attempts: u32,
+    pub resend_after: Duration,
+    pub max_sends: u32,
+    pub lockout: Duration,
+    pub max_failures: u32,
+}
+
+/// How second-factor tokens are signed.
+#[derive(Clone)]
+pub enum SigningKey {
+    Hs256(Vec<u8>),
+    /// An Ed25519 or P-256 private key (PEM) and its public half.
+    Pem {
+        algorithm: Algorithm,
+        encoding: jsonwebtoken::EncodingKey,
+        decoding: DecodingKey,
+    },
+}
+
+#[derive(Clone)]
+pub struct Token {
+    pub signing_key: SigningKey,
+    /// Key for the keyed hash of codes and CSRF tokens (derived from the
+    /// signing key unless given).
+    pub secret: Vec<u8>,
+    pub lifetime: Duration,
+    pub cookie: String,
+    pub header: http::HeaderName,
+}
+
+#[derive(Debug, Clone)]
+pub struct Branding {
+    pub product: String,
+    pub logo_url: Option<String>,
+    pub accent: String,
+}
+
+#[derive(Clone)]
+pub struct Stepup {
+    pub prefix: String,
+    pub otp: Otp,
+    pub token: Token,
+    pub email: Option<EmailSettings>,
+    pub sms: Option<SmsSettings>,
+    pub sms_timeout: Duration,
+    pub console: bool,
+    pub branding: Branding,
+    /// Largest request body kept to replay a form post after step-up.
+    pub stash_max_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Memory { max_entries: usize },
+    Redis { url: String, prefix: String },
+    Cluster { urls: Vec<String>, prefix: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![Problem {
+                line: 0,
+                col: 0,
+                key: String::new(),
+                message: format!("cannot read config file: {e}"),
+            }],
+        })?;
+        Config::from_yaml(path, &text, &std::env::vars().collect())
+    }
+
+    /// Parse and validate config text; `env` resolves `${NAME}`.
+    /// Relative file paths in the config are resolved against the config
+    /// file's directory.
+    pub fn from_yaml(
+        file: &Path,
+        text: &str,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: file.to_path_buf(),
+            problems,
+        };
+        let raw: raw::File = raw::with_env(env.clone(), || serde_yaml::from_str(text))
+            .map_err(|e| fail(vec![problem_from_serde(&e)]))?;
+        let index = PositionIndex::build(text);
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut v = Validator {
+            index: &index,
+            base,
+            problems: Vec::new(),
+        };
+        let config = v.file(file, raw);
+        if v.problems.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+        }
+        let mut problems = v.problems;
+        problems.sort_by_key(|p| (p.line, p.col));
+        Err(fail(problems))
+    }
+
+    /// The built-in configuration of `stepgate demo`.
+    pub fn demo(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr) -> Config {
+        let text = include_str!("demo.yaml")
+            .replace("{listen}", &listen.to_string())
+            .replace("{admin}", &admin.to_string())
+            .replace("{upstream}", &upstream.to_string());
+        // The demo config is fixed text: a problem in it is a bug caught by tests.
+        match Config::from_yaml(Path::new("<demo>"), &text, &HashMap::new()) {
+            Ok(c) => c,
+            Err(e) => panic!("built-in demo config is invalid: {e}"),
+        }
+    }
+}
+
+fn problem_from_serde(e: &serde_yaml::Error) -> Problem {
+    let (line, col) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    let mut message = e.to_string();
+    // serde_yaml appends " at line L column C"; we print the location first.
+    if let Some(i) = message.find(" at line ") {
+        message.truncate(i);
+    }
+    Problem {
+        line,
+        col,
+        key: String::new(),
+        message,
+    }
+}
+
+/// Parse `30s`, `5m`, `1h`, `250ms`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let err = || format!("invalid duration {s:?}: use a number and a unit, e.g. 30s, 5m, 1h");
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        _ => return Err(err()),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// Format a duration the way the config writes it.
+pub fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_millis() != 0 || s == 0 {
+        format!("{}ms", d.as_millis())
+    } else if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Where each key path starts in the file.
+struct PositionIndex {
+    map: HashMap<String, (usize, usize)>,
+}
+
+impl PositionIndex {
+    fn build(text: &str) -> PositionIndex {
+        use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+        use yaml_rust2::scanner::Marker;
+
+        enum Frame {
+            Map { path: String, key: Option<String> },
+            Seq { path: String, next: usize },
+        }
+        struct Recv {
+            stack: Vec<Frame>,
+            map: HashMap<String, (usize, usize)>,
+        }
+        impl Recv {
+            /// Path of the node that starts now, and advance the parent.
+            fn child_path(&mut self) -> Option<String> {
+                match self.stack.last_mut()? {
+                    Frame::Map { path, key } => {
+                        let k = key.take()?;
+                        Some(join(path, &k))
+                    }
+                    Frame::Seq { path, next } => {
+                        let p = format!("{path}[{next}]");
+                        *next += 1;
+                        Some(p)
+                    }
+                }
+            }
+        }
+        fn join(path: &str, key: &str) -> String {
+            if path.is_empty() {
+                key.to_string()
+            } else {
+                format!("{path}.{key}")
+            }
+        }
+        impl MarkedEventReceiver for Recv {
+            fn on_event(&mut self, ev: Event, mark: Marker) {
+                let pos = (mark.line(), mark.col() + 1);
+                match ev {
+                    Event::Scalar(value, ..) => {
+                        if let Some(Frame::Map { path, key }) = self.stack.last_mut() {
+                            if key.is_none() {
+                                // A mapping key: remember where the key sits.
+                                let p = join(path, &value);
+                                self.map.entry(p).or_insert(pos);
+                                *key = Some(value);
+                                return;
+                            }
+                        }
+                        if let Some(p) = self.child_path() {
+                            self.map.entry(format!("{p}#value")).or_insert(pos);
+                            self.map.entry(p).or_insert(pos);
+                        }
+                    }
+                    Event::MappingStart(..) => {
+                        let path = if self.stack.is_empty() {
+                            String::new()
+                        } else {
+                            self.child_path().unwrap_or_default()
+                        };
+                        self.map.entry(path.clone()).or_insert(pos);
+                        self.stack.push(Frame::Map { path, key: None });
+                    }
+                    Event::SequenceStart(..) => {
+                        let path = if self.stack.is_empty() {
+                            String::new()
+                        } else {
+                            self.child_path().unwrap_or_default()
+                        };
+                        self.map.entry(path.clone()).or_insert(pos);
+                        self.stack.push(Frame::Seq { path, next: 0 });
+                    }
+                    Event::MappingEnd | Event::SequenceEnd => {
+                        self.stack.pop();
+                    }
+                    Event::Alias(_) => {
+                        self.child_path();
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut recv = Recv {
+            stack: Vec::new(),
+            map: HashMap::new(),
+        };
+        // serde_yaml already accepted the text; a failure here only costs
+        // positions, never correctness.
+        let _ = Parser::new_from_str(text).load(&mut recv, false);
+        PositionIndex { map: recv.map }
+    }
+
+    /// Position of the value at `path`, else of its key, else of the nearest
+    /// ancestor that exists.
+    fn locate(&self, path: &str) -> (usize, usize) {
+        if let Some(p) = self.map.get(&format!("{path}#value")) {
+            return *p;
+        }
+        let mut p = path;
+        loop {
+            if let Some(pos) = self.map.get(p) {
+                return *pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => return self.map.get("").copied().unwrap_or((1, 1)),
+            }
+        }
+    }
+}
+
+/// The serde schema, as written in the file.
+mod raw {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::Deserialize;
+
+    thread_local! {
+        /// The environment `${NAME}` resolves against while this thread
+        /// deserialises a config file.
+        static CURRENT_ENV: RefCell<HashMap<String, String>> = RefCell::new(HashMap::new());
+    }
+
+    /// Run `f` with `env` resolving `${NAME}` in every [`Str`].
+    pub fn with_env<R>(env: HashMap<String, String>, f: impl FnOnce() -> R) -> R {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                CURRENT_ENV.with(|c| c.borrow_mut().clear());
+            }
+        }
+        CURRENT_ENV.with(|c| *c.borrow_mut() = env);
+        let _reset = Reset;
+        f()
+    }
+
+    fn lookup(name: &str) -> Option<String> {
+        CURRENT_ENV.with(|c| c.borrow().get(name).cloned())
+    }
+
+    /// Replace every `${NAME}` in `s`.
+    pub fn substitute(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed ${{ in {s:?}"))?;
+            let name = &after[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("invalid environment variable name {name:?}"));
+            }
+            match lookup(name) {
+                Some(v) => out.push_str(&v),
+                None => return Err(format!("environment variable {name} is not set")),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// A string with `${NAME}` substituted.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct Str(pub String);
+
+    impl<'de> Deserialize<'de> for Str {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Str, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Str;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Str, E> {
+                    substitute(v, &lookup).map(Str).map_err(E::custom)
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Str, E> {
+                    Ok(Str(v.to_string()))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Str, E> {
+                    Ok(Str(v.to_string()))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Str, E> {
+                    Ok(Str(v.to_string()))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub listen: Option<Listen>,
+        pub admin: Option<Admin>,
+        pub upstream: Option<Upstream>,
+        pub identity: Option<Identity>,
+        pub stepup: Option<Stepup>,
+        pub store: Option<Store>,
+        #[serde(default)]
+        pub routes: Vec<Route>,
+        pub default: Option<Str>,
+        pub log: Option<Log>,
+        pub dev: Option<bool>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listen {
+        pub address: Option<Str>,
+        pub tls: Option<Tls>,
+        pub max_header_bytes: Option<u64>,
+        pub max_uri_bytes: Option<u64>,
+        pub header_read_timeout: Option<Str>,
+        pub drain_timeout: Option<Str>,
+        pub trusted_proxies: Option<Vec<Str>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tls {
+        pub cert: Str,
+        pub key: Str,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub address: Option<Str>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Upstream {
+        pub url: Option<Str>,
+        pub connect_timeout: Option<Str>,
+        pub timeout: Option<Str>,
+        pub ca_file: Option<Str>,
+        pub pool_idle_timeout: Option<Str>,
+        pub pool_max_idle_per_host: Option<u64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Identity {
+        pub jwt: Option<Jwt>,
+        pub trusted_header: Option<TrustedHeader>,
+        pub claims: Option<Claims>,
+        pub login_url: Option<Str>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Jwt {
+        pub from: Option<Vec<Str>>,
+        pub cookie: Option<Str>,
+        pub algorithms: Option<Vec<Str>>,
+        pub secret: Option<Str>,
+        pub secret_file: Option<Str>,
+        pub public_key: Option<Str>,
+        pub jwks_file: Option<Str>,
+        pub issuer: Option<Str>,
+        pub audience: Option<Str>,
+        pub leeway: Option<Str>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TrustedHeader {
+        pub user: Str,
+        pub email: Option<Str>,
+        pub from: Vec<Str>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Claims {
+        pub subject: Option<Str>,
+        pub email: Option<Str>,
+        pub phone: Option<Str>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Stepup {
+        pub prefix: Option<Str>,
+        pub otp: Option<Otp>,
+        pub token: Option<Token>,
+        pub email: Option<Email>,
+        pub sms: Option<Sms>,
+        pub console: Option<bool>,
+        pub branding: Option<Branding>,
+        pub stash_max_bytes: Option<u64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Otp {
+        pub length: Option<u64>,
+        pub ttl: Option<Str>,
+        pub allow_long_ttl: Option<bool>,
+        pub max_attempts: Option<u64>,
+        pub resend_after: Option<Str>,
+        pub max_sends: Option<u64>,
+        pub lockout: Option<Str>,
+        pub max_failures: Option<u64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Token {
+        pub signing_key: Option<Str>,
+        pub signing_key_file: Option<Str>,
+        pub hash_key: Option<Str>,
+        pub hash_key_file: Option<Str>,
+        pub lifetime: Option<Str>,
+        pub cookie: Option<Str>,
+        pub header: Option<Str>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Email {
+        pub smtp: Smtp,
+        pub from: Str,
+        pub subject: Option<Str>,
+        pub timeout: Option<Str>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Smtp {
+        pub host: Str,
+        pub port: Option<u64>,
+        pub security: Option<Str>,
+        pub username: Option<Str>,
+        pub password: Option<Str>,
+        pub password_file: Option<Str>,
+        pub ca_file: Option<Str>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Sms {
+        pub webhook: Option<Webhook>,
+        pub twilio: Option<Twilio>,
+        pub timeout: Option<Str>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Webhook {
+        pub url: Str,
+        pub auth_header: Option<Str>,
+        pub auth_header_file: Option<Str>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Twilio {
+        pub account_sid: Str,
+        pub auth_token: Option<Str>,
+        pub auth_token_file: Option<Str>,
+        pub from: Str,
+        pub base_url: Option<Str>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Branding {
+        pub product: Option<Str>,
+        pub logo_url: Option<Str>,
+        pub accent: Option<Str>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Store {
+        pub redis: Option<Str>,
+        pub redis_cluster: Option<Vec<Str>>,
+        pub prefix: Option<Str>,
+        pub max_entries: Option<u64>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Route {
+        pub name: Option<Str>,
+        pub path: Option<Str>,
+        pub path_regex: Option<Str>,
+        pub methods: Option<Vec<Str>>,
+        pub hosts: Option<Vec<Str>>,
+        pub stepup: Option<RouteStepup>,
+        pub public: Option<bool>,
+        pub deny: Option<bool>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RouteStepup {
+        pub max_age: Option<Str>,
+        pub factors: Option<Vec<Str>>,
+        pub one_time: Option<bool>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Log {
+        pub format: Option<Str>,
+        pub level: Option<Str>,
+    }
+}
+
+/// Collects problems while turning raw structs into a `Config`.
+struct Validator<'a> {
+    index: &'a PositionIndex,
+    base: PathBuf,
+    problems: Vec<Problem>,
+}
+
+const NIST_MAX_OTP_TTL: Duration = Duration::from_secs(600);
+
+impl Validator<'_> {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        let (line, col) = self.index.locate(key);
+        self.problems.push(Problem {
+            line,
+            col,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, v: Option<raw::Str>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match parse_duration(&s.0) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.problem(key, e);
+                    default
+                }
+            },
+        }
+    }
+
+    fn addr(&mut self, key: &str, v: Option<raw::Str>, default: &str) -> Option<SocketAddr> {
+        let s = v.map(|s| s.0).unwrap_or_else(|| default.to_string());
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("invalid address {s:?}: expected IP:PORT, e.g. 0.0.0.0:8080"),
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn existing_file(&mut self, key: &str, p: &str) -> Option<PathBuf> {
+        let path = self.path(p);
+        if path.is_file() {
+            Some(path)
+        } else {
+            self.problem(key, format!("file {} does not exist", path.display()));
+            None
+        }
+    }
+
+    /// A secret given inline as `key` or in a file as `key_file`.
+    fn secret(
+        &mut self,
+        key: &str,
+        inline: Option<raw::Str>,
+        file: Option<raw::Str>,
+    ) -> Option<String> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    key,
+                    format!("give either {} or {}_file, not both", leaf(key), leaf(key)),
+                );
+                None
+            }
+            (Some(s), None) => Some(s.0),
+            (None, Some(f)) => {
+                let fkey = format!("{key}_file");
+                let path = self.path(&f.0);
+                match std::fs::read_to_string(&path) {
+                    Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
+                    Err(e) => {
+                        self.problem(&fkey, format!("cannot read {}: {e}", path.display()));
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn count(&mut self, key: &str, v: Option<u64>, default: u32, min: u32, max: u32) -> u32 {
+        match v {
+            None => default,
+            Some(n) if n >= u64::from(min) && n <= u64::from(max) => n as u32,
+            Some(n) => {
+                self.problem(key, format!("{n} is out of range {min}..={max}"));
+                default
+            }
+        }
+    }
+
+    fn file(&mut self, file: &Path, raw: raw::File) -> Option<Config> {
+        let dev = raw.dev.unwrap_or(false);
+        let listen = self.listen(raw.listen.unwrap_or_default());
+        let admin_raw = raw.admin.unwrap_or_default();
+        let admin = self.addr("admin.address", admin_raw.address, "127.0.0.1:9901");
+        if let (Some(l), Some(a)) = (&listen, admin) {
+            if l.address == a && a.port() != 0 {
+                self.problem(
+                    "admin.address",
+                    "the admin listener must not share the public address",
+                );
+            }
+        }
+        let upstream = self.upstream(raw.upstream.unwrap_or_default());
+        let identity = self.identity(raw.identity.unwrap_or_default());
+        let stepup = self.stepup(raw.stepup.unwrap_or_default(), dev);
+        let store = self.store(raw.store.unwrap_or_default());
+        let default = match raw.default.as_ref().map(|s| s.0.as_str()) {
+            None | Some("pass") => DefaultPolicy::Pass,
+            Some("identity") => DefaultPolicy::Identity,
+            Some(other) => {
+                self.problem(
+                    "default",
+                    format!("unknown default policy {other:?}: expected pass or identity"),
+                );
+                DefaultPolicy::Pass
+            }
+        };
+        let rules = self.routes(raw.routes, stepup.as_ref());
+        let log = self.log(raw.log.unwrap_or_default());
+        if let (Some(id), true) = (&identity, true) {
+            if id.jwt.is_none() && id.trusted_header.is_none() {
+                let needs_identity = default == DefaultPolicy::Identity
+                    || rules
+                        .iter()
+                        .any(|r| matches!(r.action, Action::Identity | Action::StepUp(_)));
+                if needs_identity {
+                    self.problem(
+                        "identity",
+                        "routes need a primary identity but neither identity.jwt nor identity.trusted_header is configured",
+                    );
+                }
+            }
+        }
+        Some(Config {
+            file: file.to_path_buf(),
+            listen: listen?,
+            admin: Admin { address: admin? },
+            upstream: upstream?,
+            identity: identity?,
+            stepup: stepup?,
+            store: store?,
+            policy: Policy { rules, default },
+            log,
+            dev,
+        })
+    }
+
+    fn listen(&mut self, l: raw::Listen) -> Option<Listen> {
+        let address = self.addr("listen.address", l.address, "0.0.0.0:8080");
+        let tls = l.tls.and_then(|t| {
+            let cert = self.existing_file("listen.tls.cert", &t.cert.0);
+            let key = self.existing_file("listen.tls.key", &t.key.0);
+            Some(TlsFiles {
+                cert: cert?,
+                key: key?,
+            })
+        });
+        let max_header_bytes = match l.max_header_bytes {
+            None => 16 * 1024,
+            Some(n) if (8192..=1024 * 1024).contains(&n) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "listen.max_header_bytes",
+                    format!("{n} is out of range 8192..=1048576"),
+                );
+                16 * 1024
+            }
+        };
+        let max_uri_bytes = match l.max_uri_bytes {
+            None => 8 * 1024,
+            Some(n) if (256..=1024 * 1024).contains(&n) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "listen.max_uri_bytes",
+                    format!("{n} is out of range 256..=1048576"),
+                );
+                8 * 1024
+            }
+        };
+        let header_read_timeout = self.duration(
+            "listen.header_read_timeout",
+            l.header_read_timeout,
+            Duration::from_secs(10),
+        );
+        let drain_timeout = self.duration(
+            "listen.drain_timeout",
+            l.drain_timeout,
+            Duration::from_secs(30),
+        );
+        let trusted_proxies = self.cidrs(
+            "listen.trusted_proxies",
+            l.trusted_proxies.unwrap_or_default(),
+        );
+        Some(Listen {
+            address: address?,
+            tls,
+            max_header_bytes,
+            max_uri_bytes,
+            header_read_timeout,
+            drain_timeout,
+            trusted_proxies,
+        })
+    }
+
+    fn cidrs(&mut self, key: &str, list: Vec<raw::Str>) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (i, s) in list.into_iter().enumerate() {
+            let parsed =
+                s.0.parse::<IpNet>()
+                    .or_else(|_| s.0.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => out.push(n),
+                Err(_) => self.problem(
+                    &format!("{key}[{i}]"),
+                    format!("invalid CIDR {:?}: expected e.g. 127.0.0.1/32", s.0),
+                ),
+            }
+        }
+        out
+    }
+
+    fn upstream(&mut self, u: raw::Upstream) -> Option<Upstream> {
+        let url = match u.url {
+            None => {
+                self.problem("upstream.url", "is required (e.g. http://127.0.0.1:3000)");
+                None
+            }
+            Some(s) => match s.0.parse::<Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.authority().is_some() =>
+                {
+                    if uri.query().is_some() {
+                        self.problem("upstream.url", "must not have a query");
+                        None
+                    } else {
+                        Some(uri)
+                    }
+                }
+                _ => {
+                    self.problem(
+                        "upstream.url",
+                        format!(
+                            "invalid URL {:?}: expected http:// or https:// with a host",
+                            s.0
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let connect_timeout = self.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout,
+            Duration::from_secs(5),
+        );
+        let timeout = self.duration("upstream.timeout", u.timeout, Duration::from_secs(60));
+        let ca_file = u
+            .ca_file
+            .and_then(|f| self.existing_file("upstream.ca_file", &f.0));
+        let pool_idle_timeout = self.duration(
+            "upstream.pool_idle_timeout",
+            u.pool_idle_timeout,
+            Duration::from_secs(90),
+        );
+        let pool_max_idle_per_host = u.pool_max_idle_per_host.unwrap_or(256) as usize;
+        Some(Upstream {
+            url: url?,
+            connect_timeout,
+            timeout,
+            ca_file,
+            pool_idle_timeout,
+            pool_max_idle_per_host,
+        })
+    }
+
+    fn identity(&mut self, id: raw::Identity) -> Option<Identity> {
+        let jwt = match id.jwt {
+            Some(j) => Some(self.jwt(j)?),
+            None => None,
+        };
+        let trusted_header = id.trusted_header.and_then(|t| {
+            let user = self.header_name("identity.trusted_header.user", &t.user.0);
+            let email = match t.email {
+                Some(e) => Some(self.header_name("identity.trusted_header.email", &e.0)?),
+                None => None,
+            };
+            if t.from.is_empty() {
+                self.problem(
+                    "identity.trusted_header.from",
+                    "must list the peers allowed to assert identity",
+                );
+            }
+            let from = self.cidrs("identity.trusted_header.from", t.from);
+            Some(TrustedHeader {
+                user: user?,
+                email,
+                from,
+            })
+        });
+        let c = id.claims.unwrap_or_default();
+        let claims = ClaimNames {
+            subject: c.subject.map(|s| s.0).unwrap_or_else(|| "sub".into()),
+            email: c.email.map(|s| s.0).unwrap_or_else(|| "email".into()),
+            phone: c
+                .phone
+                .map(|s| s.0)
+                .unwrap_or_else(|| "phone_number".into()),
+        };
+        let login_url = id.login_url.and_then(|u| match u.0.parse::<Uri>() {
+            Ok(uri) if uri.scheme().is_some() || u.0.starts_with('/') => Some(u.0),
+            _ => {
+                self.problem("identity.login_url", format!("invalid URL {:?}", u.0));
+                None
+            }
+        });
+        Some(Identity {
+            jwt,
+            trusted_header,
+            claims,
+            login_url,
+        })
+    }
+
+    fn header_name(&mut self, key: &str, s: &str) -> Option<http::HeaderName> {
+        match http::HeaderName::from_bytes(s.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.problem(key, format!("invalid header name {s:?}"));
+                None
+            }
+        }
+    }
+
+    fn jwt(&mut self, j: raw::Jwt) -> Option<Jwt> {
+        let mut from_header = false;
+        let mut from_cookie = false;
+        let from = j
+            .from
+            .unwrap_or_else(|| vec![raw::Str("header".into()), raw::Str("cookie".into())]);
+        for (i, f) in from.iter().enumerate() {
+            match f.0.as_str() {
+                "header" => from_header = true,
+                "cookie" => from_cookie = true,
+                other => self.problem(
+                    &format!("identity.jwt.from[{i}]"),
+                    format!("unknown source {other:?}: expected header or cookie"),
+                ),
+            }
+        }
+        let algorithms_raw = j
+            .algorithms
+            .unwrap_or_else(|| vec![raw::Str("RS256".into())]);
+        let mut algorithms = Vec::new();
+        for (i, a) in algorithms_raw.iter().enumerate() {
+            let key = format!("identity.jwt.algorithms[{i}]");
+            if a.0.eq_ignore_ascii_case("none") {
+                self.problem(&key, "alg none is never accepted");
+                continue;
+            }
+            match a.0.parse::<Algorithm>() {
+                Ok(alg) => algorithms.push(alg),
+                Err(_) => self.problem(&key, format!("unknown algorithm {:?}", a.0)),
+            }
+        }
+        if algorithms.is_empty() && self.problems.is_empty() {
+            self.problem(
+                "identity.jwt.algorithms",
+                "must list at least one algorithm",
+            );
+        }
+        let is_hs =
+            |a: &Algorithm| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        let hs: Vec<Algorithm> = algorithms.iter().copied().filter(is_hs).collect();
+        let asym: Vec<Algorithm> = algorithms.iter().copied().filter(|a| !is_hs(a)).collect();
+        let secret = self.secret("identity.jwt.secret", j.secret, j.secret_file);
+        let mut keys = HashMap::new();
+        let sources = [
+            secret.is_some(),
+            j.public_key.is_some(),
+            j.jwks_file.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if sources != 1 {
+            self.problem(
+                "identity.jwt",
+                "give exactly one of secret (or secret_file), public_key, jwks_file",
+            );
+        }
+        let mut hs_secret = None;
+        if let Some(secret) = secret {
+            // Alg confusion: an HS key next to asymmetric algorithms would
+            // let a public key be used as an HMAC secret.
+            if !asym.is_empty() {
+                self.problem(
+                    "identity.jwt.algorithms",
+                    "a secret only verifies HS256/384/512; remove the other algorithms",
+                );
+            }
+            if secret.len() < 32 {
+                self.problem(
+                    "identity.jwt.secret",
+                    format!(
+                        "HS secret is {} bytes; at least 32 are required",
+                        secret.len()
+                    ),
+                );
+            }
+            keys.insert(
+                String::new(),
+                (DecodingKey::from_secret(secret.as_bytes()), None),
+            );
+            hs_secret = Some(secret.into_bytes());
+        }
+        if let Some(pk) = &j.public_key {
+            if !hs.is_empty() {
+                self.problem(
+                    "identity.jwt.algorithms",
+                    "HS algorithms are refused when a public key is configured",
+                );
+            }
+            if let Some(path) = self.existing_file("identity.jwt.public_key", &pk.0) {
+                match std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| {
+                        decoding_key_from_pem(
+                            &pem,
+                            asym.first().copied().unwrap_or(Algorithm::RS256),
+                        )
+                    }) {
+                    Ok(k) => {
+                        keys.insert(String::new(), (k, None));
+                    }
+                    Err(e) => self.problem(
+                        "identity.jwt.public_key",
+                        format!("cannot load {}: {e}", path.display()),
+                    ),
+                }
+            }
+        }
+        if let Some(f) = &j.jwks_file {
+            if !hs.is_empty() {
+                self.problem(
+                    "identity.jwt.algorithms",
+                    "HS algorithms are refused with a JWKS",
+                );
+            }
+            if let Some(path) = self.existing_file("identity.jwt.jwks_file", &f.0) {
+                match load_jwks(&path) {
+                    Ok(k) => keys.extend(k),
+                    Err(e) => self.problem(
+                        "identity.jwt.jwks_file",
+                        format!("cannot load {}: {e}", path.display()),
+                    ),
+                }
+            }
+        }
+        let leeway = self.duration("identity.jwt.leeway", j.leeway, Duration::from_secs(30));
+        Some(Jwt {
+            from_header,
+            from_cookie,
+            cookie: j
+                .cookie
+                .map(|c| c.0)
+                .unwrap_or_else(|| "access_token".into()),
+            algorithms,
+            keys: JwtKeys { keys },
+            hs_secret,
+            issuer: j.issuer.map(|s| s.0),
+            audience: j.audience.map(|s| s.0),
+            leeway,
+        })
+    }
+
+    fn stepup(&mut self, s: raw::Stepup, dev: bool) -> Option<Stepup> {
+        let prefix = s.prefix.map(|p| p.0).unwrap_or_else(|| "/.stepgate".into());
+        let prefix_ok = prefix.starts_with('/')
+            && prefix.len() > 1
+            && !prefix.ends_with('/')
+            && crate::policy::normalize_path(&prefix).as_deref() == Ok(prefix.as_str());
+        if !prefix_ok {
+            self.problem(
+                "stepup.prefix",
+                format!("invalid prefix {prefix:?}: expected a normalised path like /.stepgate"),
+            );
+        }
+        let o = s.otp.unwrap_or_default();
+        let length = self.count("stepup.otp.length", o.length, 6, 6, 10);
+        let ttl = self.duration("stepup.otp.ttl", o.ttl, Duration::from_secs(300));
+        if ttl > NIST_MAX_OTP_TTL && !o.allow_long_ttl.unwrap_or(false) {
+            self.problem(
+                "stepup.otp.ttl",
+                "codes valid longer than 10m are refused (NIST SP 800-63B); set stepup.otp.allow_long_ttl: true to override",
+            );
+        }
+        if ttl.is_zero() {
+            self.problem("stepup.otp.ttl", "must be more than 0");
+        }
+        let otp = Otp {
+            length,
+            ttl,
+            max_attempts: self.count("stepup.otp.max_attempts", o.max_attempts, 5, 1, 100),
+            resend_after: self.duration(
+                "stepup.otp.resend_after",
+                o.resend_after,
+                Duration::from_secs(30),
+            ),
+            max_sends: self.count("stepup.otp.max_sends", o.max_sends, 5, 1, 1000),
+            lockout: self.duration("stepup.otp.lockout", o.lockout, Duration::from_secs(900)),
+            max_failures: self.count("stepup.otp.max_failures", o.max_failures, 10, 1, 10_000),
+        };
+        let token = self.token(s.token.unwrap_or_default());
+        let email = s.email.and_then(|e| self.email(e));
+        let (sms, sms_timeout) = match s.sms {
+            Some(sms) => {
+                let timeout = self.duration(
+                    "stepup.sms.timeout",
+                    sms.timeout.clone(),
+                    Duration::from_secs(10),
+                );
+                (self.sms(sms), timeout)
+            }
+            None => (None, Duration::from_secs(10)),
+        };
+        let console = s.console.unwrap_or(false);
+        if console && !dev {
+            self.problem(
+                "stepup.console",
+                "the console channel prints codes to the log: it is refused unless dev: true (or `stepgate demo`)",
+            );
+        }
+        let b = s.branding.unwrap_or_default();
+        let accent = b.accent.map(|a| a.0).unwrap_or_else(|| "#2457d6".into());
+        let accent_ok = accent.len() <= 32
+            && (accent.starts_with('#') && accent[1..].chars().all(|c| c.is_ascii_hexdigit())
+                || accent.chars().all(|c| c.is_ascii_alphabetic()));
+        if !accent_ok {
+            self.problem(
+                "stepup.branding.accent",
+                format!("invalid colour {accent:?}: use #rrggbb or a CSS colour name"),
+            );
+        }
+        let branding = Branding {
+            product: b.product.map(|p| p.0).unwrap_or_else(|| "stepgate".into()),
+            logo_url: b.logo_url.map(|p| p.0),
+            accent,
+        };
+        let stash_max_bytes = s.stash_max_bytes.unwrap_or(64 * 1024) as usize;
+        Some(Stepup {
+            prefix,
+            otp,
+            token: token?,
+            email,
+            sms,
+            sms_timeout,
+            console,
+            branding,
+            stash_max_bytes,
+        })
+    }
+
+    fn token(&mut self, t: raw::Token) -> Option<Token> {
+        let lifetime = self.duration(
+            "stepup.token.lifetime",
+            t.lifetime,
+            Duration::from_secs(900),
+        );
+        if lifetime.is_zero() {
+            self.problem("stepup.token.lifetime", "must be more than 0");
+        }
+        let header_name = t
+            .header
+            .map(|h| h.0)
+            .unwrap_or_else(|| "X-Second-Factor-Token".into());
+        let header = self.header_name("stepup.token.header", &header_name);
+        let cookie = t
+            .cookie
+            .map(|c| c.0)
+            .unwrap_or_else(|| "stepgate_sf".into());
+        if cookie.is_empty()
+            || !cookie
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            self.problem(
+                "stepup.token.cookie",
+                format!("invalid cookie name {cookie:?}"),
+            );
+        }
+        let signing_key = match (t.signing_key, t.signing_key_file) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    "stepup.token.signing_key",
+                    "give either signing_key or signing_key_file, not both",
+                );
+                None
+            }
+            (Some(k), None) => {
+                if k.0.len() < 32 {
+                    self.problem(
+                        "stepup.token.signing_key",
+                        format!("HS256 key is {} bytes; at least 32 are required", k.0.len()),
+                    );
+                }
+                let bytes = k.0.into_bytes();
+                Some((SigningKey::Hs256(bytes.clone()), bytes))
+            }
+            (None, Some(f)) => {
+                let path = self.path(&f.0);
+                match std::fs::read(&path) {
+                    Ok(bytes) if bytes.starts_with(b"-----BEGIN") => {
+                        match signing_key_from_pem(&bytes) {
+                            Ok(k) => Some((k, bytes)),
+                            Err(e) => {
+                                self.problem(
+                                    "stepup.token.signing_key_file",
+                                    format!("{}: {e}", path.display()),
+                                );
+                                None
+                            }
+                        }
+                    }
+                    Ok(bytes) => {
+                        let s = String::from_utf8_lossy(&bytes).trim_end().to_string();
+                        if s.len() < 32 {
+                            self.problem(
+                                "stepup.token.signing_key_file",
+                                format!("HS256 key is {} bytes; at least 32 are required", s.len()),
+                            );
+                        }
+                        let bytes = s.into_bytes();
+                        Some((SigningKey::Hs256(bytes.clone()), bytes))
+                    }
+                    Err(e) => {
+                        self.problem(
+                            "stepup.token.signing_key_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => {
+                self.problem("stepup.token.signing_key", "is required (an HS256 secret of at least 32 bytes, or signing_key_file with a PEM key)");
+                None
+            }
+        };
+        let hash_key = self.secret("stepup.token.hash_key", t.hash_key, t.hash_key_file);
+        if let Some(h) = &hash_key {
+            if h.len() < 32 {
+                self.problem(
+                    "stepup.token.hash_key",
+                    format!("key is {} bytes; at least 32 are required", h.len()),
+                );
+            }
+        }
+        // Without a hash_key, the key for code hashes and CSRF tokens is
+        // derived from the (secret) signing key material.
+        let (signing_key, material) = signing_key?;
+        let secret = match hash_key {
+            Some(h) => h.into_bytes(),
+            None => crate::otp::derive_key(&material, b"stepgate code hash v1"),
+        };
+        Some(Token {
+            signing_key,
+            secret,
+            lifetime,
+            cookie,
+            header: header?,
+        })
+    }
+
+    fn email(&mut self, e: raw::Email) -> Option<EmailSettings> {
+        let security = match e.smtp.security.as_ref().map(|s| s.0.as_str()) {
+            None | Some("starttls") => SmtpSecurity::StartTls,
+            Some("tls") => SmtpSecurity::Tls,
+            Some("none") => SmtpSecurity::None,
+            Some(other) => {
+                self.problem(
+                    "stepup.email.smtp.security",
+                    format!("unknown value {other:?}: expected none, starttls or tls"),
+                );
+                SmtpSecurity::StartTls
+            }
+        };
+        let default_port = match security {
+            SmtpSecurity::None => 25,
+            SmtpSecurity::StartTls => 587,
+            SmtpSecurity::Tls => 465,
+        };
+        let port = match e.smtp.port {
+            None => default_port,
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            Some(p) => {
+                self.problem("stepup.email.smtp.port", format!("{p} is not a port"));
+                default_port
+            }
+        };
+        let password = self.secret(
+            "stepup.email.smtp.password",
+            e.smtp.password,
+            e.smtp.password_file,
+        );
+        let ca_file = e
+            .smtp
+            .ca_file
+            .and_then(|f| self.existing_file("stepup.email.smtp.ca_file", &f.0));
+        let timeout = self.duration("stepup.email.timeout", e.timeout, Duration::from_secs(15));
+        let settings = EmailSettings {
+            host: e.smtp.host.0,
+            port,
+            security,
+            username: e.smtp.username.map(|u| u.0),
+            password,
+            from: e.from.0,
+            subject: e
+                .subject
+                .map(|s| s.0)
+                .unwrap_or_else(|| "Your verification code".into()),
+            timeout,
+            ca_file,
+        };
+        if let Err(msg) = crate::delivery::email::EmailNotifier::new(settings.clone()) {
+            self.problem("stepup.email", msg);
+            return None;
+        }
+        Some(settings)
+    }
+
+    fn sms(&mut self, s: raw::Sms) -> Option<SmsSettings> {
+        match (s.webhook, s.twilio) {
+            (Some(w), None) => {
+                let url = match w.url.0.parse::<Uri>() {
+                    Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) => u,
+                    _ => {
+                        self.problem(
+                            "stepup.sms.webhook.url",
+                            format!("invalid URL {:?}", w.url.0),
+                        );
+                        return None;
+                    }
+                };
+                let auth_header = self.secret(
+                    "stepup.sms.webhook.auth_header",
+                    w.auth_header,
+                    w.auth_header_file,
+                );
+                Some(SmsSettings::Webhook { url, auth_header })
+            }
+            (None, Some(t)) => {
+                let auth_token = self.secret(
+                    "stepup.sms.twilio.auth_token",
+                    t.auth_token,
+                    t.auth_token_file,
+                );
+                if auth_token.is_none() {
+                    self.problem("stepup.sms.twilio.auth_token", "is required");
+                }
+                let base = t
+                    .base_url
+                    .map(|b| b.0)
+                    .unwrap_or_else(|| "https://api.twilio.com".into());
+                let base_url = match base.parse::<Uri>() {
+                    Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) => u,
+                    _ => {
+                        self.problem(
+                            "stepup.sms.twilio.base_url",
+                            format!("invalid URL {base:?}"),
+                        );
+                        return None;
+                    }
+                };
+                Some(SmsSettings::Twilio {
+                    account_sid: t.account_sid.0,
+                    auth_token: auth_token?,
+                    from: t.from.0,
+                    base_url,
+                })
+            }
+            _ => {
+                self.problem("stepup.sms", "give exactly one of webhook or twilio");
+                None
+            }
+        }
+    }
+
+    fn store(&mut self, s: raw::Store) -> Option<StoreConfig> {
+        let prefix = s.prefix.map(|p| p.0).unwrap_or_else(|| "stepgate:".into());
+        match (s.redis, s.redis_cluster) {
+            (Some(_), Some(_)) => {
+                self.problem("store", "give either redis or redis_cluster, not both");
+                None
+            }
+            (Some(url), None) => {
+                if !(url.0.starts_with("redis://")
+                    || url.0.starts_with("rediss://")
+                    || url.0.starts_with("unix://"))
+                {
+                    self.problem(
+                        "store.redis",
+                        format!(
+                            "invalid Redis URL {:?}: expected redis://host:port/db",
+                            url.0
+                        ),
+                    );
+                    return None;
+                }
+                Some(StoreConfig::Redis { url: url.0, prefix })
+            }
+            (None, Some(urls)) => {
+                if urls.is_empty() {
+                    self.problem("store.redis_cluster", "must list at least one node");
+                }
+                Some(StoreConfig::Cluster {
+                    urls: urls.into_iter().map(|u| u.0).collect(),
+                    prefix,
+                })
+            }
+            (None, None) => Some(StoreConfig::Memory {
+                max_entries: s.max_entries.unwrap_or(100_000) as usize,
+            }),
+        }
+    }
+
+    fn routes(&mut self, routes: Vec<raw::Route>, stepup: Option<&Stepup>) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, r) in routes.into_iter().enumerate() {
+            let at = format!("routes[{i}]");
+            let line = self.index.locate(&at).0;
+            let name = r
+                .name
+                .map(|n| n.0)
+                .unwrap_or_else(|| format!("route{}", i + 1));
+            if let Some(prev) = names.insert(name.clone(), i) {
+                self.problem(
+                    &format!("{at}.name"),
+                    format!("duplicate route name {name:?} (also routes[{prev}])"),
+                );
+            }
+            let path = match (r.path, r.path_regex) {
+                (Some(p), None) => match Glob::new(&p.0) {
+                    Ok(g) => Some(PathMatcher::Glob(g)),
+                    Err(e) => {
+                        self.problem(&format!("{at}.path"), e);
+                        None
+                    }
+                },
+                (None, Some(re)) => match PathMatcher::regex(&re.0) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        self.problem(&format!("{at}.path_regex"), e);
+                        None
+                    }
+                },
+                (Some(_), Some(_)) => {
+                    self.problem(&at, "give either path or path_regex, not both");
+                    None
+                }
+                (None, None) => {
+                    self.problem(&at, "needs path or path_regex");
+                    None
+                }
+            };
+            if let (Some(PathMatcher::Glob(g)), Some(su)) = (&path, stepup) {
+                let prefix_glob = Glob::new(&format!("{}/**", su.prefix));
+                if g.matches(&su.prefix)
+                    || prefix_glob.map(|p| p.matches(g.as_str())).unwrap_or(false)
+                {
+                    self.problem(
+                        &format!("{at}.path"),
+                        format!("overlaps the gateway's own prefix {}", su.prefix),
+                    );
+                }
+            }
+            let methods = r.methods.map(|ms| {
+                ms.iter()
+                    .enumerate()
+                    .filter_map(|(j, m)| {
+                        let valid = !m.0.is_empty() && m.0.bytes().all(|b| b.is_ascii_alphabetic());
+                        match http::Method::from_bytes(m.0.as_bytes()) {
+                            Ok(method) if valid => Some(method),
+                            _ => {
+                                self.problem(
+                                    &format!("{at}.methods[{j}]"),
+                                    format!("invalid method {:?}", m.0),
+                                );
+                                None
+                            }
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let hosts = r.hosts.map(|hs| {
+                hs.iter()
+                    .enumerate()
+                    .filter_map(|(j, h)| match HostPattern::new(&h.0) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            self.problem(&format!("{at}.hosts[{j}]"), e);
+                            None
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let public = r.public.unwrap_or(false);
+            let deny = r.deny.unwrap_or(false);
+            let kinds = usize::from(public) + usize::from(deny) + usize::from(r.stepup.is_some());
+            if kinds > 1 {
+                self.problem(&at, "a route is one of public, deny or stepup");
+            }
+            let action = if let Some(s) = r.stepup {
+                let key = format!("{at}.stepup");
+                let lifetime = stepup
+                    .map(|s| s.token.lifetime)
+                    .unwrap_or(Duration::from_secs(900));
+                let max_age = self.duration(&format!("{key}.max_age"), s.max_age, lifetime);
+                if max_age > lifetime {
+                    self.problem(
+                        &format!("{key}.max_age"),
+                        format!(
+                            "max_age {} is longer than stepup.token.lifetime {}",
+                            fmt_duration(max_age),
+                            fmt_duration(lifetime)
+                        ),
+                    );
+                }
+                let mut factors = Vec::new();
+                for (j, f) in s.factors.unwrap_or_default().iter().enumerate() {
+                    match Channel::parse(&f.0) {
+                        Some(c) if !factors.contains(&c) => factors.push(c),
+                        Some(_) => {}
+                        None => self.problem(
+                            &format!("{key}.factors[{j}]"),
+                            format!("unknown factor {:?}: expected email or sms", f.0),
+                        ),
+                    }
+                }
+                if factors.is_empty() {
+                    factors = Channel::ALL.to_vec();
+                }
+                if let Some(su) = stepup {
+                    let usable = factors.iter().any(|c| match c {
+                        Channel::Email => su.email.is_some() || su.console,
+                        Channel::Sms => su.sms.is_some() || su.console,
+                    });
+                    if !usable {
+                        self.problem(
+                            &key,
+                            "none of this route's factors is configured (stepup.email / stepup.sms)",
+                        );
+                    }
+                }
+                Action::StepUp(StepUp {
+                    max_age,
+                    factors,
+                    one_time: s.one_time.unwrap_or(false),
+                })
+            } else if public {
+                Action::Public
+            } else if deny {
+                Action::Deny
+            } else {
+                Action::Identity
+            };
+            if let Some(path) = path {
+                rules.push(Rule {
+                    name,
+                    line,
+                    path,
+                    methods,
+                    hosts,
+                    action,
+                });
+            }
+        }
+        rules
+    }
+
+    fn log(&mut self, l: raw::Log) -> Log {
+        let format = match l.format.as_ref().map(|f| f.0.as_str()) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.problem(
+                    "log.format",
+                    format!("unknown format {other:?}: expected text or json"),
+                );
+                LogFormat::Text
+            }
+        };
+        let level = l.level.map(|l| l.0).unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            self.problem("log.level", format!("invalid level {level:?}"));
+        }
+        Log { format, level }
+    }
+}
+
+fn leaf(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+fn decoding_key_from_pem(pem: &[u8], alg: Algorithm) -> Result<DecodingKey, String> {
+    use Algorithm::*;
+    let r = match alg {
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => DecodingKey::from_rsa_pem(pem),
+        ES256 | ES384 => DecodingKey::from_ec_pem(pem),
+        EdDSA => DecodingKey::from_ed_pem(pem),
+        HS256 | HS384 | HS512 => return Err("HS algorithms take a secret, not a PEM key".into()),
+    };
+    r.map_err(|e| e.to_string())
+}
+
+fn signing_key_from_pem(pem: &[u8]) -> Result<SigningKey, String> {
+    let text = String::from_utf8_lossy(pem);
+    // A private key PEM; we find the algorithm by trying each kind.
+    if let Ok(encoding) = jsonwebtoken::EncodingKey::from_ed_pem(pem) {
+        let decoding = crate::token::ed25519_public_from_private_pem(&text)?;
+        return Ok(SigningKey::Pem {
+            algorithm: Algorithm::EdDSA,
+            encoding,
+            decoding,
+        });
+    }
+    if let Ok(encoding) = jsonwebtoken::EncodingKey::from_ec_pem(pem) {
+        let decoding = crate::token::p256_public_from_private_pem(&text)?;
+        return Ok(SigningKey::Pem {
+            algorithm: Algorithm::ES256,
+            encoding,
+            decoding,
+        });
+    }
+    Err("expected an Ed25519 or P-256 private key in PKCS#8 PEM".into())
+}
+
+fn load_jwks(path: &Path) -> Result<HashMap<String, (DecodingKey, Option<Algorithm>)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let mut keys = HashMap::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {i}: {e}"))?;
+        let alg = jwk
+            .common
+            .key_algorithm
+            .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+        let kid = jwk.common.key_id.clone().unwrap_or_default();
+        if set.keys.len() == 1 {
+            keys.insert(String::new(), (key.clone(), alg));
+        }
+        keys.insert(kid, (key, alg));
+    }
+    if keys.is_empty() {
+        return Err("the key set is empty".into());
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let env = [
+            ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("STEPGATE_KEY", "fedcba9876543210fedcba9876543210"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Config::from_yaml(Path::new("gateway.yaml"), text, &env)
+    }
+
+    const BASE: &str = "\
+upstream:
+  url: http://127.0.0.1:3000
+identity:
+  jwt:
+    algorithms: [HS256]
+    secret: ${JWT_SECRET}
+stepup:
+  token:
+    signing_key: ${STEPGATE_KEY}
+  console: true
+dev: true
+";
+
+    #[test]
+    // A minimal valid file loads with the documented defaults.
+    fn minimal_file_loads_with_defaults() {
+        let c = load(BASE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listen.address.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.admin.address.to_string(), "127.0.0.1:9901");
+        assert_eq!(c.stepup.prefix, "/.stepgate");
+        assert_eq!(c.stepup.otp.length, 6);
+        assert_eq!(c.stepup.otp.ttl, Duration::from_secs(300));
+        assert_eq!(
+            c.store,
+            StoreConfig::Memory {
+                max_entries: 100_000
+            }
+        );
+        assert_eq!(c.policy.default, DefaultPolicy::Pass);
+    }
+
+    #[test]
+    // Unknown keys are typos, never silently ignored.
+    fn unknown_key_is_located() {
+        let text = format!("{BASE}routes:\n  - path: /a\n    stepp: {{}}\n");
+        let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.starts_with("gateway.yaml:14:"), "{e}");
+        assert!(e.contains("unknown field `stepp`"), "{e}");
+    }
+
+    #[test]
+    // An unset variable must not silently become an empty secret.
+    fn unset_env_is_an_error_naming_it() {
+        let text = BASE.replace("${STEPGATE_KEY}", "${NOPE_KEY}");
+        let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("environment variable NOPE_KEY is not set"),
+            "{e}"
+        );
+        assert!(e.starts_with("gateway.yaml:9:"), "{e}");
+    }
+
+    #[test]
+    // Every semantic problem is reported at once, each with its line.
+    fn all_problems_reported_with_lines() {
+        let text = "\
+upstream:
+  url: ftp://x
+  timeout: 5 minutes
+identity:
+  jwt:
+    algorithms: [HS256, none]
+    secret: short
+stepup:
+  otp:
+    length: 4
+    ttl: 30m
+  token:
+    signing_key: tooshort
+routes:
+  - name: a
+    path: /a/**/b/**x
+    stepup: { max_age: 1h, factors: [pigeon] }
+default: maybe
+";
+        let e = load(text).err().map(|e| e.to_string()).unwrap_or_default();
+        for want in [
+            "gateway.yaml:2:8: upstream.url: invalid URL",
+            "gateway.yaml:3:12: upstream.timeout: invalid duration",
+            "gateway.yaml:6:26: identity.jwt.algorithms[1]: alg none",
+            "gateway.yaml:7:13: identity.jwt.secret: HS secret is 5 bytes",
+            "gateway.yaml:10:13: stepup.otp.length: 4 is out of range",
+            "gateway.yaml:11:10: stepup.otp.ttl: codes valid longer than 10m",
+            "gateway.yaml:13:18: stepup.token.signing_key: HS256 key is 8 bytes",
+            "gateway.yaml:16:11: routes[0].path:",
+            "gateway.yaml:17:24: routes[0].stepup.max_age: max_age 1h is longer",
+            "gateway.yaml:17:44: routes[0].stepup.factors[0]: unknown factor",
+            "gateway.yaml:18:10: default: unknown default policy",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    // alg confusion: a public key next to HS algorithms is refused.
+    fn hs_with_public_key_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pk = dir.path().join("pk.pem");
+        std::fs::write(&pk, "not a key").unwrap_or_else(|e| panic!("{e}"));
+        let text = BASE.replace(
+            "    algorithms: [HS256]\n    secret: ${JWT_SECRET}\n",
+            &format!(
+                "    algorithms: [HS256, RS256]\n    public_key: {}\n",
+                pk.display()
+            ),
+        );
+        let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("HS algorithms are refused when a public key is configured"),
+            "{e}"
+        );
+        assert!(e.contains("cannot load"), "{e}");
+    }
+
+    #[test]
+    // The console channel leaks codes to logs; production configs refuse it.
+    fn console_refused_outside_dev() {
+        let e = load(&BASE.replace("dev: true\n", ""))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("stepup.console"), "{e}");
+    }
+
+    #[test]
+    // Durations parse in the units the contract documents.
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("5 m").is_err());
+        assert_eq!(fmt_duration(Duration::from_secs(300)), "5m");
+    }
+
+    #[test]
+    // A `*_file` secret is read from disk, without its trailing newline.
+    fn secret_file_is_read() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("jwt.key");
+        std::fs::write(&f, "0123456789abcdef0123456789abcdefXYZ\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let text = BASE.replace(
+            "secret: ${JWT_SECRET}",
+            &format!("secret_file: {}", f.display()),
+        );
+        let c = load(&text).unwrap_or_else(|e| panic!("{e}"));
+        let secret = c.identity.jwt.and_then(|j| j.hs_secret).unwrap_or_default();
+        assert_eq!(secret, b"0123456789abcdef0123456789abcdefXYZ");
+    }
+}

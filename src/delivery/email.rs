@@ -1,0 +1,244 @@
+//! Delivery of one-time codes by email over SMTP.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use super::{error_chain, mask_email, minutes_phrase, CodeMessage, DeliveryError, Notifier};
+
+/// How the connection to the SMTP server is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// Plain SMTP, no TLS at all (local relays and tests only).
+    None,
+    /// Plain connection upgraded with STARTTLS; refuses servers without it.
+    StartTls,
+    /// TLS from the first byte (SMTPS, "implicit TLS").
+    Tls,
+}
+
+/// Where and how to send code emails.
+#[derive(Clone)]
+pub struct EmailSettings {
+    /// SMTP server host name (also the name its TLS certificate must carry).
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    /// SMTP AUTH user; credentials are only used when both this and
+    /// `password` are set.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// The sender mailbox, e.g. `Security <no-reply@example.com>`.
+    pub from: String,
+    pub subject: String,
+    /// Upper bound for one whole send (connect, dialogue, data).
+    pub timeout: Duration,
+    /// A PEM file with extra root certificates to trust for the SMTP
+    /// server, in addition to the built-in web PKI roots. Only valid with
+    /// `StartTls` or `Tls`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for EmailSettings {
+    /// Shows everything but the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmailSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("from", &self.from)
+            .field("subject", &self.subject)
+            .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// Sends one-time codes as multipart (plain text + HTML) emails through one
+/// pooled SMTP transport.
+pub struct EmailNotifier {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    subject: String,
+    timeout: Duration,
+}
+
+impl fmt::Debug for EmailNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmailNotifier")
+            .field("from", &self.from)
+            .field("subject", &self.subject)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmailNotifier {
+    /// Checks the settings and builds the SMTP transport. Must be called
+    /// inside a Tokio runtime (the connection pool runs a background task).
+    /// No connection is made until the first send.
+    pub fn new(settings: EmailSettings) -> Result<EmailNotifier, String> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err("the email notifier must be created inside a Tokio runtime".to_owned());
+        }
+        let host = settings.host.trim();
+        if host.is_empty() {
+            return Err("email: SMTP host is empty".to_owned());
+        }
+        if settings.port == 0 {
+            return Err("email: SMTP port is 0".to_owned());
+        }
+        if settings.timeout.is_zero() {
+            return Err("email: timeout is zero".to_owned());
+        }
+        let from: Mailbox = settings
+            .from
+            .parse()
+            .map_err(|e| format!("email: sender {:?} is not a mailbox: {e}", settings.from))?;
+
+        let builder = match settings.security {
+            SmtpSecurity::None => {
+                if settings.ca_file.is_some() {
+                    return Err("email: ca_file is set but security is none".to_owned());
+                }
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+            }
+            SmtpSecurity::StartTls => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).tls(Tls::Required(
+                    tls_parameters(host, settings.ca_file.as_ref())?,
+                ))
+            }
+            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).tls(
+                Tls::Wrapper(tls_parameters(host, settings.ca_file.as_ref())?),
+            ),
+        };
+        let mut builder = builder.port(settings.port).timeout(Some(settings.timeout));
+        match (settings.username, settings.password) {
+            (Some(user), Some(password)) => {
+                builder = builder.credentials(Credentials::new(user, password));
+            }
+            (None, None) => {}
+            _ => return Err("email: username and password must be set together".to_owned()),
+        }
+
+        Ok(EmailNotifier {
+            transport: builder.build(),
+            from,
+            subject: settings.subject,
+            timeout: settings.timeout,
+        })
+    }
+
+    /// Builds the email for `msg`.
+    fn message(&self, msg: &CodeMessage<'_>) -> Result<Message, DeliveryError> {
+        let to: Address = msg
+            .to
+            .trim()
+            .parse()
+            .map_err(|_| DeliveryError::InvalidRecipient)?;
+        let minutes = minutes_phrase(msg.ttl);
+        let text = format!(
+            "Your {product} verification code is: {code}\r\n\
+             \r\n\
+             It expires in {minutes}.\r\n\
+             \r\n\
+             If you did not just try to sign in to {product}, ignore this email.\r\n\
+             Never share this code with anyone.\r\n",
+            product = msg.product,
+            code = msg.code,
+        );
+        let product = escape_html(msg.product);
+        let code = escape_html(msg.code);
+        let html = format!(
+            "<!DOCTYPE html>\r\n\
+             <html><head><meta charset=\"utf-8\"><title>Verification code</title></head>\r\n\
+             <body style=\"font-family: sans-serif; line-height: 1.5\">\r\n\
+             <p>Your {product} verification code is:</p>\r\n\
+             <p style=\"font-size: 28px; font-weight: bold; letter-spacing: 4px\">{code}</p>\r\n\
+             <p>It expires in {minutes}.</p>\r\n\
+             <p style=\"color: #666\">If you did not just try to sign in to {product}, ignore this email. \
+             Never share this code with anyone.</p>\r\n\
+             </body></html>\r\n"
+        );
+        Message::builder()
+            .from(self.from.clone())
+            .to(Mailbox::new(None, to))
+            .subject(self.subject.clone())
+            .multipart(MultiPart::alternative_plain_html(text, html))
+            .map_err(|_| DeliveryError::InvalidRecipient)
+    }
+}
+
+#[async_trait::async_trait]
+impl Notifier for EmailNotifier {
+    async fn send(&self, msg: &CodeMessage<'_>) -> Result<(), DeliveryError> {
+        let email = self.message(msg)?;
+        let result = match tokio::time::timeout(self.timeout, self.transport.send(email)).await {
+            Err(_elapsed) => Err(DeliveryError::Timeout),
+            Ok(Ok(_response)) => Ok(()),
+            Ok(Err(e)) => Err(classify(&e)),
+        };
+        match &result {
+            Ok(()) => tracing::debug!(to = %mask_email(msg.to), "code email sent"),
+            Err(e) => tracing::warn!(to = %mask_email(msg.to), error = %e, "code email failed"),
+        }
+        result
+    }
+}
+
+/// Maps an SMTP client error onto a delivery error without the server's
+/// reply text (which may echo the recipient).
+fn classify(e: &lettre::transport::smtp::Error) -> DeliveryError {
+    if let Some(code) = e.status() {
+        let kind = if e.is_transient() {
+            "transient"
+        } else {
+            "permanent"
+        };
+        DeliveryError::Rejected(format!("SMTP {code} ({kind})"))
+    } else if e.is_timeout() {
+        DeliveryError::Timeout
+    } else {
+        DeliveryError::Unavailable(error_chain(e))
+    }
+}
+
+/// TLS parameters for `host`, trusting the web PKI roots plus any in
+/// `ca_file`.
+fn tls_parameters(host: &str, ca_file: Option<&PathBuf>) -> Result<TlsParameters, String> {
+    let mut builder = TlsParameters::builder(host.to_owned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("email: cannot read ca_file {}: {e}", path.display()))?;
+        let cert = Certificate::from_pem(&pem)
+            .map_err(|e| format!("email: ca_file {}: {e}", path.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder
+        .build_rustls()
+        .map_err(|e| format!("email: TLS setup for {host}: {e}"))
+}
+
+/// Escapes text for use in HTML element content and quoted attributes.
+fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

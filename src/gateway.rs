@@ -1,0 +1,451 @@
+//! The request path, top to bottom: telemetry -> rescue -> normalise ->
+//! policy -> identity -> step-up -> proxy.
+//!
+//! Every stage that refuses a request answers with a response (never an
+//! error that would drop the connection), and a protected route is only
+//! forwarded after every check has passed: when anything breaks, it fails
+//! closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue, ACCEPT, HOST, LOCATION, WWW_AUTHENTICATE};
+use http::{HeaderName, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::config::{Config, StoreConfig};
+use crate::identity::{Authenticator, Identity};
+use crate::policy::{normalize_path, Action, DefaultPolicy, Rule};
+use crate::proxy::{self, Body, BoxError, ClientConn, Proxy};
+use crate::stepup::{Stepup, StepupCheck};
+use crate::store::ChallengeStore;
+use crate::telemetry::{Metrics, Outcome};
+
+const X_STEPGATE_USER: HeaderName = HeaderName::from_static("x-stepgate-user");
+const X_STEPGATE_EMAIL: HeaderName = HeaderName::from_static("x-stepgate-email");
+const X_STEPGATE_STEPUP: HeaderName = HeaderName::from_static("x-stepgate-stepup");
+const X_STEPGATE_STEPUP_AGE: HeaderName = HeaderName::from_static("x-stepgate-stepup-age");
+
+/// Everything a request needs that a reload may replace.
+pub struct State {
+    pub config: Arc<Config>,
+    pub auth: Authenticator,
+    pub proxy: Proxy,
+    pub stepup: Stepup,
+}
+
+/// The gateway: shared by every connection.
+pub struct Gateway {
+    state: ArcSwap<State>,
+    store: Arc<dyn ChallengeStore>,
+    store_config: StoreConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// Build the gateway from a validated config. Fails only on things the
+    /// config loader cannot check (e.g. an unreadable CA file).
+    pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
+        let metrics = Arc::new(Metrics::new());
+        let store = crate::store::from_config(&config.store)?;
+        let state = State::build(config, store.clone(), metrics.clone())?;
+        Ok(Arc::new(Gateway {
+            store_config: state.config.store.clone(),
+            state: ArcSwap::from_pointee(state),
+            store,
+            metrics,
+        }))
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.state.load().config.clone()
+    }
+
+    pub fn store(&self) -> &Arc<dyn ChallengeStore> {
+        &self.store
+    }
+
+    /// Swap in a new policy. Listener addresses and the store are fixed
+    /// for the life of the process; a change to them is reported and
+    /// ignored.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let old = self.config();
+        if config.listen.address != old.listen.address || config.admin.address != old.admin.address
+        {
+            tracing::warn!(
+                "listen/admin address changes need a restart; keeping the old addresses"
+            );
+        }
+        if config.store != self.store_config {
+            tracing::warn!("store changes need a restart; keeping the old store");
+        }
+        let state = State::build(config, self.store.clone(), self.metrics.clone())?;
+        self.state.store(Arc::new(state));
+        Ok(())
+    }
+
+    /// Whether the gateway can serve protected routes (store reachable).
+    pub async fn ready(&self) -> bool {
+        self.store.ping().await.is_ok()
+    }
+
+    /// Serve one request.
+    pub async fn handle<B>(&self, req: Request<B>, conn: ClientConn) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let start = Instant::now();
+        let state = self.state.load_full();
+        let method = req.method().clone();
+        let mut log = RequestLog {
+            rule: "-".into(),
+            path: String::new(),
+            outcome: Outcome::Gateway,
+        };
+        let req = req.map(|b| b.map_err(Into::into).boxed());
+        let res = self.route(&state, req, conn, &mut log).await;
+        let elapsed = start.elapsed();
+        self.metrics.request(&log.rule, log.outcome, elapsed);
+        tracing::info!(
+            target: "stepgate::access",
+            client = %conn.peer.ip(),
+            method = %method,
+            path = %log.path,
+            status = res.status().as_u16(),
+            rule = %log.rule,
+            outcome = log.outcome.as_str(),
+            ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+        res
+    }
+
+    async fn route(
+        &self,
+        state: &State,
+        mut req: Request<Body>,
+        conn: ClientConn,
+        log: &mut RequestLog,
+    ) -> Response<Body> {
+        let cfg = &state.config;
+        // Normalise once: the path matched is the path forwarded.
+        let raw_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if raw_len > cfg.listen.max_uri_bytes {
+            log.outcome = Outcome::BadRequest;
+            return json_error(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                "request target too long",
+            );
+        }
+        if req.method() == Method::CONNECT {
+            log.outcome = Outcome::BadRequest;
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "CONNECT is not supported",
+            );
+        }
+        let path = match normalize_path(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => {
+                log.outcome = Outcome::BadRequest;
+                log.path = "<invalid>".into();
+                return json_error(StatusCode::BAD_REQUEST, "bad_path", &e.to_string());
+            }
+        };
+        log.path.clone_from(&path);
+        let host = request_host(&req);
+
+        let upgrade = proxy::wants_upgrade(req.headers(), req.version());
+        let headers = req.headers_mut();
+        proxy::strip_hop_by_hop(headers, upgrade);
+        proxy::strip_reserved(headers);
+        if !state.auth.trusts_header_from(conn.peer.ip()) {
+            for name in state.auth.trusted_header_names() {
+                headers.remove(name);
+            }
+        }
+
+        let identity = match state.auth.authenticate(req.headers(), conn.peer.ip()) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::debug!(error = %e, "primary credential refused");
+                None
+            }
+        };
+
+        let prefix = &cfg.stepup.prefix;
+        if path.len() > prefix.len()
+            && path.starts_with(prefix.as_str())
+            && path.as_bytes()[prefix.len()] == b'/'
+            || path == *prefix
+        {
+            log.rule = "stepgate".into();
+            let (res, outcome) = state.stepup.endpoint(req, &path, identity, conn).await;
+            log.outcome = outcome;
+            return res;
+        }
+
+        let rule = cfg.policy.route(req.method(), host.as_deref(), &path);
+        if let Some(r) = rule {
+            log.rule.clone_from(&r.name);
+        }
+        // A method override header must not move the request to a rule the
+        // policy did not check (e.g. POST + X-HTTP-Method-Override: DELETE).
+        for name in &proxy::METHOD_OVERRIDE {
+            if let Some(v) = req.headers().get(name) {
+                let same = Method::from_bytes(v.as_bytes())
+                    .map(|m| same_rule(cfg.policy.route(&m, host.as_deref(), &path), rule))
+                    .unwrap_or(false);
+                if !same {
+                    log.outcome = Outcome::BadRequest;
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "method_override",
+                        "method override would change the route",
+                    );
+                }
+            }
+        }
+
+        let action = match rule {
+            Some(r) => &r.action,
+            None => match cfg.policy.default {
+                DefaultPolicy::Pass => &Action::Public,
+                DefaultPolicy::Identity => &Action::Identity,
+            },
+        };
+        let mut factor = None;
+        match action {
+            Action::Deny => {
+                log.outcome = Outcome::Denied;
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this route is not available",
+                );
+            }
+            Action::Public => {}
+            Action::Identity | Action::StepUp(_) => {
+                let Some(id) = &identity else {
+                    log.outcome = Outcome::Unauthenticated;
+                    return unauthenticated(&req, cfg.identity.login_url.as_deref());
+                };
+                if let (Action::StepUp(need), Some(rule)) = (action, rule) {
+                    match state
+                        .stepup
+                        .check(req.headers(), id, rule, need, conn)
+                        .await
+                    {
+                        StepupCheck::Fresh(sf) => factor = Some(sf),
+                        StepupCheck::Needed => {
+                            log.outcome = Outcome::Challenged;
+                            return state.stepup.challenge(&req, need);
+                        }
+                        StepupCheck::Unavailable => {
+                            log.outcome = Outcome::StoreUnavailable;
+                            return json_error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "stepup_unavailable",
+                                "step-up is temporarily unavailable",
+                            );
+                        }
+                    }
+                }
+            }
+        }
+
+        let headers = req.headers_mut();
+        state.stepup.strip_token(headers);
+        if let Some(id) = &identity {
+            set_identity_headers(headers, id);
+        }
+        if let Some(sf) = &factor {
+            headers.insert(
+                X_STEPGATE_STEPUP,
+                HeaderValue::from_static(sf.channel.as_str()),
+            );
+            let age = crate::token::unix_now().saturating_sub(sf.auth_time);
+            headers.insert(X_STEPGATE_STEPUP_AGE, HeaderValue::from(age));
+        }
+        proxy::set_forwarded(headers, &conn, host.as_deref());
+        if let Some(h) = &host {
+            // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams need Host.
+            if !headers.contains_key(HOST) {
+                if let Ok(v) = HeaderValue::from_str(h) {
+                    headers.insert(HOST, v);
+                }
+            }
+        }
+        let uri = match state.proxy.upstream_uri(&path, req.uri().query()) {
+            Ok(u) => u,
+            Err(e) => {
+                log.outcome = Outcome::BadRequest;
+                tracing::debug!(error = %e, "cannot build upstream URI");
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "request target cannot be forwarded",
+                );
+            }
+        };
+        match state.proxy.forward(req, uri, upgrade).await {
+            Ok(res) => {
+                log.outcome = Outcome::Forwarded;
+                res
+            }
+            Err(e) => {
+                log.outcome = Outcome::UpstreamError;
+                tracing::warn!(error = %e, "upstream request failed");
+                let (code, msg) = match e.status() {
+                    StatusCode::GATEWAY_TIMEOUT => {
+                        ("upstream_timeout", "the upstream did not answer in time")
+                    }
+                    _ => ("upstream_unavailable", "the upstream is unavailable"),
+                };
+                json_error(e.status(), code, msg)
+            }
+        }
+    }
+}
+
+impl State {
+    fn build(
+        config: Config,
+        store: Arc<dyn ChallengeStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<State, String> {
+        let auth = Authenticator::new(&config.identity);
+        let proxy = Proxy::new(&config.upstream)?;
+        let stepup = Stepup::new(&config, store, metrics)?;
+        Ok(State {
+            config: Arc::new(config),
+            auth,
+            proxy,
+            stepup,
+        })
+    }
+}
+
+struct RequestLog {
+    rule: String,
+    path: String,
+    outcome: Outcome,
+}
+
+fn same_rule(a: Option<&Rule>, b: Option<&Rule>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// The host the client asked for: `Host`, else the URI authority (HTTP/2).
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+}
+
+fn set_identity_headers(headers: &mut http::HeaderMap, id: &Identity) {
+    if let Ok(v) = HeaderValue::from_str(&id.subject) {
+        headers.insert(X_STEPGATE_USER, v);
+    }
+    if let Some(Ok(v)) = id.email.as_deref().map(HeaderValue::from_str) {
+        headers.insert(X_STEPGATE_EMAIL, v);
+    }
+}
+
+/// A browser navigation: `GET`/`HEAD` that accepts HTML.
+pub fn is_browser<B>(req: &Request<B>) -> bool {
+    (req.method() == Method::GET || req.method() == Method::HEAD)
+        && req
+            .headers()
+            .get_all(ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/html"))
+}
+
+/// No valid primary identity on a route that needs one.
+fn unauthenticated<B>(req: &Request<B>, login_url: Option<&str>) -> Response<Body> {
+    if let (true, Some(login)) = (is_browser(req), login_url) {
+        let rd = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let sep = if login.contains('?') { '&' } else { '?' };
+        let location = format!("{login}{sep}rd={}", url_encode(rd));
+        return redirect(&location);
+    }
+    let mut res = json_error(StatusCode::UNAUTHORIZED, "unauthenticated", "sign in first");
+    res.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"stepgate\""),
+    );
+    res
+}
+
+/// A 302 to `location`.
+pub fn redirect(location: &str) -> Response<Body> {
+    let mut res = Response::new(proxy::empty());
+    *res.status_mut() = StatusCode::FOUND;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        res.headers_mut().insert(LOCATION, v);
+    }
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// A short JSON error: `{"error": code, "message": message}`.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({ "error": code, "message": message }),
+    )
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut res = Response::new(proxy::full(value.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// Percent-encode for a query value.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The peer address as seen by `ClientConn` for a socket.
+pub fn client_conn(peer: SocketAddr, tls: bool, cfg: &Config) -> ClientConn {
+    ClientConn {
+        peer,
+        tls,
+        trusted_proxy: cfg
+            .listen
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer.ip())),
+    }
+}

@@ -1,0 +1,253 @@
+//! Primary identity: who the signed-in user is, from a JWT (bearer header or
+//! cookie) or from a header set by a trusted proxy in front.
+//!
+//! The result travels in request extensions as [`Identity`]; the session it
+//! names is what second-factor tokens are bound to.
+
+use std::net::IpAddr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http::header::{AUTHORIZATION, COOKIE};
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, Validation};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config;
+
+/// The signed-in user behind a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    /// The primary session: `sid:<sid claim>`, else `jwt:<hash of the
+    /// token>`, else `hdr:<subject>` for trusted-header identities.
+    pub session: String,
+}
+
+/// Why a presented credential was not accepted. Never shown to clients in
+/// detail; logged at debug level.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("token header unreadable")]
+    Header,
+    #[error("algorithm {0:?} is not allowed")]
+    Algorithm(Algorithm),
+    #[error("no key for kid {0:?}")]
+    UnknownKey(String),
+    #[error("token rejected: {0}")]
+    Rejected(String),
+    #[error("claim {0:?} missing or not a string")]
+    Claim(String),
+}
+
+/// Turns request headers into an [`Identity`].
+#[derive(Clone)]
+pub struct Authenticator {
+    cfg: config::Identity,
+}
+
+impl Authenticator {
+    pub fn new(cfg: &config::Identity) -> Authenticator {
+        Authenticator { cfg: cfg.clone() }
+    }
+
+    /// Whether `peer` may assert identity by header.
+    pub fn trusts_header_from(&self, peer: IpAddr) -> bool {
+        self.cfg
+            .trusted_header
+            .as_ref()
+            .is_some_and(|t| t.from.iter().any(|n| n.contains(&peer)))
+    }
+
+    /// Header names that carry asserted identity (stripped from requests
+    /// of untrusted peers before anything else sees them).
+    pub fn trusted_header_names(&self) -> impl Iterator<Item = &http::HeaderName> {
+        self.cfg
+            .trusted_header
+            .iter()
+            .flat_map(|t| std::iter::once(&t.user).chain(t.email.iter()))
+    }
+
+    /// The identity in `headers`, if any. `Ok(None)` when no credential was
+    /// presented; `Err` when one was presented and is not valid.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: IpAddr,
+    ) -> Result<Option<Identity>, IdentityError> {
+        if let Some(jwt) = &self.cfg.jwt {
+            if let Some(token) = bearer_or_cookie(jwt, headers) {
+                return self.verify_jwt(jwt, token).map(Some);
+            }
+        }
+        if let Some(t) = &self.cfg.trusted_header {
+            if self.trusts_header_from(peer) {
+                let user = headers
+                    .get(&t.user)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim);
+                if let Some(user) = user.filter(|u| !u.is_empty()) {
+                    let email = t
+                        .email
+                        .as_ref()
+                        .and_then(|h| headers.get(h))
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    return Ok(Some(Identity {
+                        subject: user.to_string(),
+                        email,
+                        phone: None,
+                        session: format!("hdr:{user}"),
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn verify_jwt(&self, jwt: &config::Jwt, token: &str) -> Result<Identity, IdentityError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::Header)?;
+        if !jwt.algorithms.contains(&header.alg) {
+            return Err(IdentityError::Algorithm(header.alg));
+        }
+        let kid = header.kid.clone().unwrap_or_default();
+        let (key, key_alg) = jwt
+            .keys
+            .keys
+            .get(&kid)
+            .or_else(|| jwt.keys.keys.get(""))
+            .ok_or_else(|| IdentityError::UnknownKey(kid.clone()))?;
+        if key_alg.is_some_and(|a| a != header.alg) {
+            return Err(IdentityError::Algorithm(header.alg));
+        }
+        let mut v = Validation::new(header.alg);
+        v.leeway = jwt.leeway.as_secs();
+        v.set_required_spec_claims(&["exp"]);
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        match &jwt.issuer {
+            Some(iss) => {
+                v.set_issuer(&[iss]);
+                v.required_spec_claims.insert("iss".into());
+            }
+            None => v.iss = None,
+        }
+        match &jwt.audience {
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                v.required_spec_claims.insert("aud".into());
+            }
+            None => v.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &v)
+            .map_err(|e| IdentityError::Rejected(e.to_string()))?;
+        let claims = data.claims;
+        let names = &self.cfg.claims;
+        let subject = string_claim(&claims, &names.subject)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| IdentityError::Claim(names.subject.clone()))?;
+        let session = match string_claim(&claims, "sid") {
+            Some(sid) if !sid.is_empty() => format!("sid:{sid}"),
+            _ => format!(
+                "jwt:{}",
+                URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
+            ),
+        };
+        Ok(Identity {
+            subject,
+            email: string_claim(&claims, &names.email),
+            phone: string_claim(&claims, &names.phone),
+            session,
+        })
+    }
+}
+
+fn string_claim(claims: &Map<String, Value>, name: &str) -> Option<String> {
+    claims.get(name).and_then(Value::as_str).map(str::to_string)
+}
+
+fn bearer_or_cookie<'a>(jwt: &config::Jwt, headers: &'a HeaderMap) -> Option<&'a str> {
+    if jwt.from_header {
+        if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            if let Some((scheme, token)) = v.split_once(' ') {
+                if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+                    return Some(token.trim());
+                }
+            }
+        }
+    }
+    if jwt.from_cookie {
+        return cookie(headers, &jwt.cookie);
+    }
+    None
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// Remove cookie `name` from the request's `Cookie` headers, keeping the rest.
+pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let values: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .map(str::trim)
+                .filter(|pair| {
+                    pair.split_once('=').map(|(k, _)| k) != Some(name) && !pair.is_empty()
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|v| !v.is_empty())
+        .collect();
+    headers.remove(COOKIE);
+    for v in values {
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            headers.append(COOKIE, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    // The second-factor cookie is removed without touching the app's cookies.
+    fn remove_cookie_keeps_others() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            "a=1; stepgate_sf=tok; b=2"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        h.append(
+            COOKIE,
+            "stepgate_sf=x".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        remove_cookie(&mut h, "stepgate_sf");
+        let all: Vec<_> = h
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(all, vec!["a=1; b=2"]);
+        assert_eq!(cookie(&h, "b"), Some("2"));
+        assert_eq!(cookie(&h, "stepgate_sf"), None);
+    }
+}

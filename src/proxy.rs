@@ -1,0 +1,463 @@
+//! The forwarding service: request sanitising, the upstream URI, hop-by-hop
+//! and forwarded headers, streaming bodies both ways, WebSocket upgrades.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::config;
+
+/// Errors crossing body boundaries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the gateway: streamed, never buffered.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A body made of one buffer (gateway-generated responses).
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Headers some backends use to re-route or re-method a request behind the
+/// proxy's back (IIS/Symfony URL rewrite). Removed from every request so the
+/// backend serves exactly what the policy checked.
+const REROUTING: [HeaderName; 5] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+    HeaderName::from_static("x-forwarded-path"),
+    HeaderName::from_static("x-forwarded-prefix"),
+];
+
+/// Method override headers (Rails, Express, Spring's HiddenHttpMethodFilter
+/// uses a form field, which the policy cannot see; see README).
+pub const METHOD_OVERRIDE: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Whether the request asks for a protocol upgrade (WebSocket).
+pub fn wants_upgrade(req_headers: &HeaderMap, version: Version) -> bool {
+    version == Version::HTTP_11
+        && req_headers.contains_key(header::UPGRADE)
+        && connection_tokens(req_headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Remove hop-by-hop headers, including those the `Connection` header
+/// names. Runs before the gateway sets any header of its own, so a client
+/// cannot use `Connection` to strip what the gateway adds.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Remove every header the gateway owns or that could re-route the request
+/// at the backend: `X-Stepgate-*` (and the `X_Stepgate_*` spelling some
+/// servers map to the same CGI variable), URL rewrite headers.
+pub fn strip_reserved(headers: &mut HeaderMap) {
+    let owned: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let s = k.as_str();
+            s.len() >= 11
+                && (s[..11].eq_ignore_ascii_case("x-stepgate-")
+                    || s[..11].eq_ignore_ascii_case("x_stepgate_"))
+        })
+        .cloned()
+        .collect();
+    for k in owned {
+        headers.remove(k);
+    }
+    for name in &REROUTING {
+        headers.remove(name);
+    }
+}
+
+/// Facts about the client connection the forwarded headers describe.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// The peer is a configured trusted proxy: extend its forwarded headers
+    /// rather than replace them.
+    pub trusted_proxy: bool,
+}
+
+/// Set `X-Forwarded-For/Proto/Host` (and drop `Forwarded` from untrusted
+/// peers, whose claims we cannot vouch for).
+pub fn set_forwarded(headers: &mut HeaderMap, conn: &ClientConn, host: Option<&str>) {
+    let peer_ip = conn.peer.ip().to_string();
+    if conn.trusted_proxy {
+        let prior: Vec<String> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect();
+        let mut xff = prior.join(", ");
+        if !xff.is_empty() {
+            xff.push_str(", ");
+        }
+        xff.push_str(&peer_ip);
+        set(headers, X_FORWARDED_FOR, &xff);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            set(
+                headers,
+                X_FORWARDED_PROTO,
+                if conn.tls { "https" } else { "http" },
+            );
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(h) = host {
+                set(headers, X_FORWARDED_HOST, h);
+            }
+        }
+    } else {
+        headers.remove(&FORWARDED);
+        set(headers, X_FORWARDED_FOR, &peer_ip);
+        set(
+            headers,
+            X_FORWARDED_PROTO,
+            if conn.tls { "https" } else { "http" },
+        );
+        headers.remove(&X_FORWARDED_HOST);
+        if let Some(h) = host {
+            set(headers, X_FORWARDED_HOST, h);
+        }
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream unreachable: {0}")]
+    Connect(String),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Forwards requests to the one upstream over pooled connections.
+pub struct Proxy {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    /// The upstream URL's path without its trailing slash ("" for none).
+    base_path: String,
+    timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(cfg: &config::Upstream) -> Result<Proxy, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = upstream_tls(cfg.ca_file.as_deref())?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        let scheme = cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let authority = cfg
+            .url
+            .authority()
+            .cloned()
+            .ok_or_else(|| "upstream URL has no host".to_string())?;
+        let base_path = cfg.url.path().trim_end_matches('/').to_string();
+        Ok(Proxy {
+            client,
+            scheme,
+            authority,
+            base_path,
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// The upstream URI for a normalised path and the raw query.
+    pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+        let mut pq = String::with_capacity(
+            self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        pq.push_str(&self.base_path);
+        pq.push_str(path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::try_from(pq).map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ProxyError::Upstream(e.to_string()))
+    }
+
+    /// Send a prepared request (headers already sanitised) upstream and
+    /// return the response with hop-by-hop headers removed. For an upgrade
+    /// request, splices the two upgraded connections together.
+    pub async fn forward(
+        &self,
+        mut req: Request<Body>,
+        uri: Uri,
+        upgrade: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        if upgrade {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => return Err(ProxyError::Timeout(self.timeout)),
+            Ok(Err(e)) if e.is_connect() => return Err(ProxyError::Connect(error_chain(&e))),
+            Ok(Err(e)) => return Err(ProxyError::Upstream(error_chain(&e))),
+            Ok(Ok(res)) => res,
+        };
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                return Ok(splice_upgrade(res, client_upgrade));
+            }
+        }
+        let (mut parts, body) = res.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed(),
+        ))
+    }
+}
+
+/// Answer 101 to the client and copy bytes between the two upgraded
+/// connections until either side closes.
+fn splice_upgrade(
+    mut res: Response<hyper::body::Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
+    let upstream = hyper::upgrade::on(&mut res);
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let mut c = TokioIo::new(c);
+                let mut u = TokioIo::new(u);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let (parts, _) = res.into_parts();
+    Response::from_parts(parts, empty())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// rustls client config for an https upstream: system roots plus an
+/// optional CA file.
+fn upstream_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                h.append(k, v);
+            }
+        }
+        h
+    }
+
+    #[test]
+    // Headers named in Connection are hop-by-hop too.
+    fn connection_named_headers_are_removed() {
+        let mut h = headers(&[
+            ("connection", "close, x-foo"),
+            ("x-foo", "1"),
+            ("te", "trailers"),
+            ("x-bar", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-foo").is_none());
+        assert!(h.get("te").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h.get("x-bar").and_then(|v| v.to_str().ok()), Some("2"));
+    }
+
+    #[test]
+    // A client must not be able to inject the gateway's identity headers.
+    fn stepgate_headers_are_removed_in_both_spellings() {
+        let mut h = headers(&[
+            ("x-stepgate-user", "admin"),
+            ("X_Stepgate_User", "admin"),
+            ("x-original-url", "/admin"),
+            ("x-app", "1"),
+        ]);
+        strip_reserved(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.get("x-app").is_some());
+    }
+
+    #[test]
+    // An untrusted client cannot forge X-Forwarded-For.
+    fn forwarded_replaced_for_untrusted_peer() {
+        let mut h = headers(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
+        let conn = ClientConn {
+            peer: SocketAddr::from(([127, 0, 0, 9], 1234)),
+            tls: true,
+            trusted_proxy: false,
+        };
+        set_forwarded(&mut h, &conn, Some("app.example.com"));
+        assert_eq!(
+            h.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+            Some("127.0.0.9")
+        );
+        assert_eq!(
+            h.get("x-forwarded-proto").and_then(|v| v.to_str().ok()),
+            Some("https")
+        );
+        assert_eq!(
+            h.get("x-forwarded-host").and_then(|v| v.to_str().ok()),
+            Some("app.example.com")
+        );
+        assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    // A trusted proxy's chain is extended, not replaced.
+    fn forwarded_extended_for_trusted_peer() {
+        let mut h = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        let conn = ClientConn {
+            peer: SocketAddr::from(([10, 0, 0, 1], 1234)),
+            tls: false,
+            trusted_proxy: true,
+        };
+        set_forwarded(&mut h, &conn, None);
+        assert_eq!(
+            h.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+            Some("1.2.3.4, 10.0.0.1")
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! The step-up layer: demands a fresh second factor on protected routes, and
+//! serves the gateway's own challenge API (`api.rs`) and page (`page.rs`).
+
+mod api;
+mod page;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, WWW_AUTHENTICATE};
+use http::{HeaderMap, Request, Response, StatusCode};
+
+use crate::config::{self, Config};
+use crate::delivery::{Channel, ConsoleNotifier, EmailNotifier, Notifier, SmsNotifier};
+use crate::gateway::{is_browser, json, json_error, redirect, url_encode};
+use crate::identity::{self, Identity};
+use crate::policy::{Rule, StepUp as Need};
+use crate::proxy::{Body, ClientConn};
+use crate::store::{ChallengeStore, Limits};
+use crate::telemetry::{audit, AuditContext, AuditEvent, Metrics, Outcome};
+use crate::token::{session_hash, unix_now, SecondFactor, Tokens};
+
+/// The result of checking a request against a step-up rule.
+pub enum StepupCheck {
+    /// A fresh factor bound to this identity: forward.
+    Fresh(SecondFactor),
+    /// No usable factor: answer with a challenge.
+    Needed,
+    /// The store could not be asked: fail closed.
+    Unavailable,
+}
+
+/// Step-up state shared by all requests of one policy generation.
+pub struct Stepup {
+    cfg: config::Stepup,
+    tokens: Tokens,
+    store: Arc<dyn ChallengeStore>,
+    email: Option<Arc<dyn Notifier>>,
+    sms: Option<Arc<dyn Notifier>>,
+    console: Option<Arc<ConsoleNotifier>>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    secure_cookies: bool,
+}
+
+impl Stepup {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn ChallengeStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Stepup, String> {
+        let cfg = config.stepup.clone();
+        let email: Option<Arc<dyn Notifier>> = match &cfg.email {
+            Some(s) => Some(Arc::new(EmailNotifier::new(s.clone())?)),
+            None => None,
+        };
+        let sms: Option<Arc<dyn Notifier>> = match &cfg.sms {
+            Some(s) => Some(Arc::new(SmsNotifier::new(s.clone(), cfg.sms_timeout)?)),
+            None => None,
+        };
+        let console = cfg.console.then(|| Arc::new(ConsoleNotifier::new()));
+        let o = &cfg.otp;
+        let limits = Limits {
+            ttl: o.ttl,
+            max_attempts: o.max_attempts,
+            resend_after: o.resend_after,
+            max_sends: o.max_sends,
+            send_window: Duration::from_secs(3600),
+            lockout: o.lockout,
+            max_failures: o.max_failures,
+        };
+        Ok(Stepup {
+            tokens: Tokens::new(&cfg.token),
+            cfg,
+            store,
+            email,
+            sms,
+            console,
+            limits,
+            metrics,
+            secure_cookies: config.listen.tls.is_some(),
+        })
+    }
+
+    /// The console notifier, in dev/demo mode.
+    pub fn console(&self) -> Option<&Arc<ConsoleNotifier>> {
+        self.console.as_ref()
+    }
+
+    /// The second-factor token presented with a request (header first).
+    fn presented_token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
+        headers
+            .get(&self.cfg.token.header)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim())
+            .filter(|v| !v.is_empty())
+            .or_else(|| identity::cookie(headers, &self.cfg.token.cookie))
+    }
+
+    /// Remove the second-factor token header and cookie before forwarding.
+    pub fn strip_token(&self, headers: &mut HeaderMap) {
+        headers.remove(&self.cfg.token.header);
+        identity::remove_cookie(headers, &self.cfg.token.cookie);
+    }
+
+    /// Does this request carry a fresh factor bound to `id` for `rule`?
+    pub async fn check(
+        &self,
+        headers: &HeaderMap,
+        id: &Identity,
+        rule: &Rule,
+        need: &Need,
+        conn: ClientConn,
+    ) -> StepupCheck {
+        let Some(token) = self.presented_token(headers) else {
+            return StepupCheck::Needed;
+        };
+        let sf = match self.tokens.verify(token) {
+            Ok(sf) => sf,
+            Err(e) => {
+                tracing::debug!(error = %e, "second-factor token refused");
+                return StepupCheck::Needed;
+            }
+        };
+        // Bound to this user and this sign-in; proved by an accepted factor;
+        // fresh enough for this rule.
+        if sf.subject != id.subject || sf.session != session_hash(&id.session) {
+            return StepupCheck::Needed;
+        }
+        if !need.factors.contains(&sf.channel) {
+            return StepupCheck::Needed;
+        }
+        let age = unix_now().saturating_sub(sf.auth_time);
+        if age > need.max_age.as_secs() {
+            return StepupCheck::Needed;
+        }
+        match self.store.is_revoked(&sf.jti).await {
+            Ok(false) => {}
+            Ok(true) => return StepupCheck::Needed,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot check token revocation; failing closed");
+                return StepupCheck::Unavailable;
+            }
+        }
+        if need.one_time {
+            let ttl = Duration::from_secs(sf.exp.saturating_sub(unix_now()).max(1));
+            match self.store.spend_once(&sf.jti, ttl).await {
+                Ok(true) => {
+                    let ctx = AuditContext {
+                        subject: &id.subject,
+                        channel: Some(sf.channel.as_str()),
+                        rule: Some(&rule.name),
+                        client: conn.peer.ip(),
+                    };
+                    audit(&self.metrics, AuditEvent::TokenSpent, &ctx, "");
+                }
+                Ok(false) => return StepupCheck::Needed,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot spend one-time token; failing closed");
+                    return StepupCheck::Unavailable;
+                }
+            }
+        }
+        StepupCheck::Fresh(sf)
+    }
+
+    /// The answer to a request that needs a (fresh) second factor.
+    pub fn challenge<B>(&self, req: &Request<B>, need: &Need) -> Response<Body> {
+        let max_age = need.max_age.as_secs();
+        if is_browser(req) {
+            let rd = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            return redirect(&format!(
+                "{}/challenge?rd={}",
+                self.cfg.prefix,
+                url_encode(rd)
+            ));
+        }
+        let mut res = json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({
+                "error": "insufficient_user_authentication",
+                "max_age": max_age,
+                "methods": format!("{}/api/methods", self.cfg.prefix),
+            }),
+        );
+        let www = format!(
+            "Bearer error=\"insufficient_user_authentication\", error_description=\"A fresh second factor is required\", max_age={max_age}"
+        );
+        if let Ok(v) = HeaderValue::from_str(&www) {
+            res.headers_mut().insert(WWW_AUTHENTICATE, v);
+        }
+        res
+    }
+
+    /// Serve `{prefix}/...`.
+    pub async fn endpoint(
+        &self,
+        req: Request<Body>,
+        path: &str,
+        identity: Option<Identity>,
+        conn: ClientConn,
+    ) -> (Response<Body>, Outcome) {
+        let sub = &path[self.cfg.prefix.len()..];
+        let Some(id) = identity else {
+            let mut res = json_error(StatusCode::UNAUTHORIZED, "unauthenticated", "sign in first");
+            res.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"stepgate\""),
+            );
+            return (res, Outcome::Unauthenticated);
+        };
+        let res = match sub {
+            "/api/methods" | "/api/otp" | "/api/otp/verify" | "/api/logout" => {
+                api::serve(self, req, sub, &id, conn).await
+            }
+            "/challenge" | "/challenge/send" | "/challenge/verify" => {
+                page::serve(self, req, sub, &id, conn).await
+            }
+            _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+        };
+        let outcome = match res.status() {
+            s if s == StatusCode::SERVICE_UNAVAILABLE => Outcome::StoreUnavailable,
+            s if s.is_client_error() => Outcome::BadRequest,
+            _ => Outcome::Gateway,
+        };
+        (res, outcome)
+    }
+
+    /// Channels this user can receive a code on, with their targets.
+    fn methods<'a>(&self, id: &'a Identity) -> Vec<(Channel, &'a str)> {
+        let mut out = Vec::new();
+        if let Some(email) = id.email.as_deref().filter(|e| !e.is_empty()) {
+            if self.email.is_some() || self.console.is_some() {
+                out.push((Channel::Email, email));
+            }
+        }
+        if let Some(phone) = id.phone.as_deref().filter(|p| !p.is_empty()) {
+            if self.sms.is_some() || self.console.is_some() {
+                out.push((Channel::Sms, phone));
+            }
+        }
+        out
+    }
+
+    fn notifier(&self, channel: Channel) -> Option<Arc<dyn Notifier>> {
+        let real = match channel {
+            Channel::Email => self.email.clone(),
+            Channel::Sms => self.sms.clone(),
+        };
+        real.or_else(|| self.console.clone().map(|c| c as Arc<dyn Notifier>))
+    }
+
+    fn audit(
+        &self,
+        event: AuditEvent,
+        id: &Identity,
+        channel: Option<Channel>,
+        client: IpAddr,
+        detail: &str,
+    ) {
+        let ctx = AuditContext {
+            subject: &id.subject,
+            channel: channel.map(Channel::as_str),
+            rule: None,
+            client,
+        };
+        audit(&self.metrics, event, &ctx, detail);
+    }
+
+    /// `Set-Cookie` for a freshly issued token.
+    fn token_cookie(&self, token: &str) -> String {
+        format!(
+            "{}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+            self.cfg.token.cookie,
+            token,
+            self.tokens.lifetime().as_secs(),
+            if self.secure_cookies { "; Secure" } else { "" }
+        )
+    }
+
+    fn clear_cookie(&self) -> String {
+        format!(
+            "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
+            self.cfg.token.cookie,
+            if self.secure_cookies { "; Secure" } else { "" }
+        )
+    }
+}

@@ -1,0 +1,751 @@
+//! A `ChallengeStore` in Redis (one node or a Redis Cluster), shared by all
+//! gateway instances.
+//!
+//! # Connections
+//!
+//! Construction only parses the URLs, so the gateway starts (and reports
+//! not-ready) while Redis is down. The connection is opened on first use;
+//! after a failure it is dropped and the next call opens a fresh one, so the
+//! same store recovers by itself when Redis comes back. Every operation is
+//! bounded by `OP_TIMEOUT`: a dead or hanging Redis yields a `StoreError`
+//! within about two seconds, never a hang.
+//!
+//! # Key layout
+//!
+//! With `P` the configured prefix and `U` the lowercase hex SHA-256 of the
+//! subject (hashing keeps arbitrary subjects, including ones with `{`, `}`
+//! or `:`, from escaping the hash tag, and keeps them out of key names):
+//!
+//! | key                    | holds                                             |
+//! |------------------------|---------------------------------------------------|
+//! | `P{u:U}:ch:<channel>`  | hash: the user's open challenge on that channel    |
+//! | `P{u:U}:cool:<channel>`| cooldown; value = id of the challenge that set it  |
+//! | `P{u:U}:sends`         | sends in the current window                        |
+//! | `P{u:U}:fails`         | wrong codes, living `lockout` after the latest     |
+//! | `P{u:U}:lock`          | present while the user is locked out               |
+//! | `Pcid:<id>`            | `U:<channel>`: where challenge `<id>` is held      |
+//! | `Ponce:<jti>`          | token id already used (`spend_once`)               |
+//! | `Prevoked:<jti>`       | revoked token id                                   |
+//! | `Pblob:<key>`          | a blob                                             |
+//!
+//! Every key has an expiry. The challenge hash has the fields `id`,
+//! `subject`, `session`, `channel`, `code` (hex of the code hash) and
+//! `attempts`.
+//!
+//! # Why challenges live under the user's hash tag
+//!
+//! A Lua script may only touch keys of one hash slot on a cluster. `start`
+//! must check the user's limits, replace the user's open challenge on the
+//! channel and count the send in one atomic step, and `fail` must spend an
+//! attempt and count a failure in one step, so the challenge sits in the
+//! user's slot. Storing it per channel (not per id) makes "one open challenge
+//! per channel" structural: a new start overwrites the old one.
+//!
+//! `lookup` and `consume` only get the id, so `Pcid:<id>` points to the
+//! user and channel. It is written just before the `start` script and may
+//! dangle (start refused, challenge replaced or consumed, pointer left to
+//! expire with the challenge ttl); readers therefore always check the `id`
+//! field of the hash it points to. Reading the pointer and acting on the hash
+//! are two steps, which is harmless: the pointer never changes for an id, and
+//! the step that matters (the `id` check and `DEL` in `consume`) is atomic.
+//!
+//! A zero `resend_after` means no cooldown. The prefix may not contain `{`
+//! or `}`, since that would move the hash tag out of `{u:U}`.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value};
+use sha2::{Digest, Sha256};
+
+use super::{Challenge, ChallengeStore, Failure, Limits, NewChallenge, StartOutcome, StoreError};
+use crate::delivery::Channel;
+
+/// Upper bound on one store operation, retries and reconnects included.
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on opening one TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on waiting for one reply.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Longest expiry ever set. Limits come from configuration; capping them
+/// keeps absurd values from overflowing Redis's expiry arithmetic.
+const MAX_MILLIS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// Returns the remaining life of a key in ms (0 when absent, at least 1 when
+/// present). A key without expiry (which this store never writes) gets
+/// `fallback` ms, so a stray key cannot lock a user out forever.
+const REMAINING_LUA: &str = r#"
+local function remaining(key, fallback)
+  local t = redis.call('PTTL', key)
+  if t == -2 then return 0 end
+  if t < 0 then
+    redis.call('PEXPIRE', key, fallback)
+    return fallback
+  end
+  if t == 0 then return 1 end
+  return t
+end
+"#;
+
+/// KEYS: lock, cooldown, sends, challenge.
+/// ARGV: id, subject, session, channel, code, max_attempts, ttl_ms,
+///       resend_ms, max_sends, window_ms, lockout_ms.
+/// Returns {0, 0} started, {1, ms} locked, {2, ms} cooldown, {3, ms} limit.
+const START_LUA: &str = r#"
+local locked = remaining(KEYS[1], tonumber(ARGV[11]))
+if locked > 0 then return {1, locked} end
+local resend = tonumber(ARGV[8])
+local cool = remaining(KEYS[2], math.max(resend, 1))
+if cool > 0 then return {2, cool} end
+local window = tonumber(ARGV[10])
+local sent = tonumber(redis.call('GET', KEYS[3]) or 0)
+if sent >= tonumber(ARGV[9]) then
+  local wait = remaining(KEYS[3], window)
+  if wait == 0 then wait = window end
+  return {3, wait}
+end
+redis.call('DEL', KEYS[4])
+redis.call('HSET', KEYS[4], 'id', ARGV[1], 'subject', ARGV[2], 'session', ARGV[3],
+  'channel', ARGV[4], 'code', ARGV[5], 'attempts', ARGV[6])
+redis.call('PEXPIRE', KEYS[4], ARGV[7])
+if resend > 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', resend)
+end
+if redis.call('INCR', KEYS[3]) == 1 or redis.call('PTTL', KEYS[3]) < 0 then
+  redis.call('PEXPIRE', KEYS[3], window)
+end
+return {0, 0}
+"#;
+
+/// KEYS: challenge, cooldown, sends. ARGV: id.
+/// Undoes a start only while its challenge is still open, so a repeated or
+/// late abort cannot hand out extra sends. Returns 1 when undone.
+const ABORT_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+local sent = tonumber(redis.call('GET', KEYS[3]) or 0)
+if sent > 1 then redis.call('DECR', KEYS[3]) else redis.call('DEL', KEYS[3]) end
+return 1
+"#;
+
+/// KEYS: challenge. ARGV: id. Returns 1 for the one caller that spent it.
+const CONSUME_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
+/// KEYS: fails, lock, then the user's challenge key of every channel.
+/// ARGV: id, max_failures, lockout_ms.
+/// Returns {attempts_left, locked_ms}; locked_ms is 0 when not locked.
+const FAIL_LUA: &str = r#"
+local left = 0
+for i = 3, #KEYS do
+  if redis.call('HGET', KEYS[i], 'id') == ARGV[1] then
+    left = redis.call('HINCRBY', KEYS[i], 'attempts', -1)
+    if left <= 0 then
+      redis.call('DEL', KEYS[i])
+      left = 0
+    end
+    break
+  end
+end
+local lockout = tonumber(ARGV[3])
+local locked = remaining(KEYS[2], lockout)
+if locked > 0 then return {left, locked} end
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], lockout)
+if n >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], '1', 'PX', lockout)
+  redis.call('DEL', KEYS[1])
+  return {left, lockout}
+end
+return {left, 0}
+"#;
+
+/// Challenge state in Redis; see the module documentation.
+pub struct RedisStore {
+    keys: Keys,
+    target: Target,
+    /// Only ever held to clone or replace the handle, never across an await.
+    conn: Mutex<ConnSlot>,
+    scripts: Scripts,
+}
+
+/// The current connection, `None` until first use and after a failure.
+struct ConnSlot {
+    /// Counts connections opened, so a failure reported on an old
+    /// connection cannot discard a newer one.
+    generation: u64,
+    conn: Option<Conn>,
+}
+
+struct Scripts {
+    start: Script,
+    abort: Script,
+    consume: Script,
+    fail: Script,
+}
+
+/// Where to connect to.
+enum Target {
+    Node(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// A connection handle; both kinds multiplex and are cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisStore {
+    /// A store on one Redis node at `url`, with every key under `prefix`.
+    /// Fails only on a malformed URL or prefix; Redis need not be up.
+    pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError(format!("redis url: {e}")))?;
+        RedisStore::with_target(Target::Node(client), prefix)
+    }
+
+    /// A store on the Redis Cluster reachable through `urls`, with every key
+    /// under `prefix`. Fails only on malformed URLs or prefix.
+    pub fn cluster(urls: &[String], prefix: &str) -> Result<RedisStore, StoreError> {
+        if urls.is_empty() {
+            return Err(StoreError("redis cluster: no node urls".into()));
+        }
+        let client = ClusterClient::builder(urls.iter().map(String::as_str))
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()
+            .map_err(|e| StoreError(format!("redis cluster urls: {e}")))?;
+        RedisStore::with_target(Target::Cluster(client), prefix)
+    }
+
+    fn with_target(target: Target, prefix: &str) -> Result<RedisStore, StoreError> {
+        if prefix.contains(['{', '}']) {
+            return Err(StoreError(format!(
+                "redis key prefix {prefix:?} may not contain '{{' or '}}'"
+            )));
+        }
+        let script = |body: &str| Script::new(&format!("{REMAINING_LUA}{body}"));
+        Ok(RedisStore {
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
+            target,
+            conn: Mutex::new(ConnSlot {
+                generation: 0,
+                conn: None,
+            }),
+            scripts: Scripts {
+                start: script(START_LUA),
+                abort: script(ABORT_LUA),
+                consume: script(CONSUME_LUA),
+                fail: script(FAIL_LUA),
+            },
+        })
+    }
+
+    /// The current connection, opening one (lazily: it connects on first
+    /// command) when there is none.
+    fn connection(&self) -> Result<(u64, Conn), StoreError> {
+        let mut slot = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError("redis connection slot poisoned".into()))?;
+        if let Some(conn) = &slot.conn {
+            return Ok((slot.generation, conn.clone()));
+        }
+        let conn = match &self.target {
+            Target::Node(client) => {
+                // One quick retry smooths over a blip; anything longer is
+                // the caller's to handle, within `OP_TIMEOUT`.
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(100))
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map_err(|e| StoreError(format!("redis: {e}")))?;
+                Conn::Node(manager)
+            }
+            Target::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(RESPONSE_TIMEOUT);
+                Conn::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        };
+        slot.generation += 1;
+        slot.conn = Some(conn.clone());
+        Ok((slot.generation, conn))
+    }
+
+    /// Drops connection `generation` so the next call opens a new one; a
+    /// newer connection opened meanwhile by another caller is kept.
+    fn discard(&self, generation: u64) {
+        if let Ok(mut slot) = self.conn.lock() {
+            if slot.generation == generation {
+                slot.conn = None;
+            }
+        }
+    }
+
+    /// Runs `op` on a connection within `OP_TIMEOUT`, discarding the
+    /// connection when it failed in a way a new one might not.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let (generation, conn) = self.connection()?;
+        match tokio::time::timeout(OP_TIMEOUT, op(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if needs_new_connection(&e) {
+                    self.discard(generation);
+                }
+                Err(StoreError(format!("redis: {e}")))
+            }
+            Err(_) => {
+                self.discard(generation);
+                Err(StoreError(format!(
+                    "redis: no answer within {} ms",
+                    OP_TIMEOUT.as_millis()
+                )))
+            }
+        }
+    }
+
+    /// Where challenge `id` is held, from its pointer key.
+    async fn locate(&self, conn: &mut Conn, id: &str) -> RedisResult<Option<(String, Channel)>> {
+        let pointer: Option<String> = redis::cmd("GET")
+            .arg(self.keys.pointer(id))
+            .query_async(conn)
+            .await?;
+        let Some(pointer) = pointer else {
+            return Ok(None);
+        };
+        parse_pointer(&pointer)
+            .map(Some)
+            .ok_or_else(|| nonsense("malformed challenge pointer"))
+    }
+}
+
+/// Whether an error may have left the connection unusable. Only a reply
+/// that arrived but did not convert is known to leave it intact; for
+/// anything else a fresh connection is cheap insurance.
+fn needs_new_connection(e: &RedisError) -> bool {
+    e.kind() != ErrorKind::UnexpectedReturnType
+}
+
+fn nonsense(what: &'static str) -> RedisError {
+    RedisError::from((ErrorKind::UnexpectedReturnType, what))
+}
+
+/// Key names; see the module documentation.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn user(&self, tag: &str, rest: &str) -> String {
+        format!("{}{{u:{tag}}}:{rest}", self.prefix)
+    }
+
+    fn lock(&self, tag: &str) -> String {
+        self.user(tag, "lock")
+    }
+
+    fn fails(&self, tag: &str) -> String {
+        self.user(tag, "fails")
+    }
+
+    fn sends(&self, tag: &str) -> String {
+        self.user(tag, "sends")
+    }
+
+    fn cooldown(&self, tag: &str, channel: Channel) -> String {
+        self.user(tag, &format!("cool:{}", channel.as_str()))
+    }
+
+    fn challenge(&self, tag: &str, channel: Channel) -> String {
+        self.user(tag, &format!("ch:{}", channel.as_str()))
+    }
+
+    fn pointer(&self, id: &str) -> String {
+        format!("{}cid:{id}", self.prefix)
+    }
+
+    fn once(&self, jti: &str) -> String {
+        format!("{}once:{jti}", self.prefix)
+    }
+
+    fn revoked(&self, jti: &str) -> String {
+        format!("{}revoked:{jti}", self.prefix)
+    }
+
+    fn blob(&self, key: &str) -> String {
+        format!("{}blob:{key}", self.prefix)
+    }
+}
+
+/// The hash-tag-safe form of a subject.
+fn user_tag(subject: &str) -> String {
+    hex(&Sha256::digest(subject.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+fn unhex32(s: &[u8]) -> Option<[u8; 32]> {
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *byte = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+fn parse_pointer(pointer: &str) -> Option<(String, Channel)> {
+    let (tag, channel) = pointer.split_once(':')?;
+    unhex32(tag.as_bytes())?;
+    Some((tag.to_owned(), Channel::parse(channel)?))
+}
+
+/// A duration as whole milliseconds, rounded up so nothing expires early.
+fn millis(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms).unwrap_or(MAX_MILLIS).min(MAX_MILLIS)
+}
+
+/// A positive expiry in ms, as `PX`/`PEXPIRE` require.
+fn expiry(d: Duration) -> u64 {
+    millis(d).max(1)
+}
+
+/// A `retry_after` from a remaining-time reply, never below 1 ms.
+fn retry_after(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(1))
+}
+
+fn field<'a>(hash: &'a [(String, Vec<u8>)], name: &str) -> RedisResult<&'a [u8]> {
+    hash.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+        .ok_or_else(|| nonsense("challenge hash misses a field"))
+}
+
+fn text(hash: &[(String, Vec<u8>)], name: &str) -> RedisResult<String> {
+    String::from_utf8(field(hash, name)?.to_vec())
+        .map_err(|_| nonsense("challenge field is not UTF-8"))
+}
+
+/// The challenge in `hash` if it is challenge `id` and still alive.
+fn parse_challenge(
+    hash: &[(String, Vec<u8>)],
+    id: &str,
+    channel: Channel,
+) -> RedisResult<Option<Challenge>> {
+    if hash.is_empty() || field(hash, "id")? != id.as_bytes() {
+        return Ok(None);
+    }
+    let stored =
+        Channel::parse(&text(hash, "channel")?).ok_or_else(|| nonsense("unknown channel"))?;
+    if stored != channel {
+        return Err(nonsense("challenge stored under another channel"));
+    }
+    let code_hash = unhex32(field(hash, "code")?).ok_or_else(|| nonsense("malformed code hash"))?;
+    let attempts: i64 = text(hash, "attempts")?
+        .parse()
+        .map_err(|_| nonsense("malformed attempt count"))?;
+    if attempts <= 0 {
+        return Ok(None);
+    }
+    Ok(Some(Challenge {
+        subject: text(hash, "subject")?,
+        session: text(hash, "session")?,
+        channel,
+        code_hash,
+        attempts_left: u32::try_from(attempts)
+            .map_err(|_| nonsense("attempt count out of range"))?,
+    }))
+}
+
+/// A two-integer script reply.
+fn pair(reply: Vec<i64>) -> RedisResult<(i64, i64)> {
+    match reply.as_slice() {
+        [a, b] => Ok((*a, *b)),
+        _ => Err(nonsense("script reply is not a pair")),
+    }
+}
+
+#[async_trait]
+impl ChallengeStore for RedisStore {
+    async fn start(&self, c: &NewChallenge, limits: &Limits) -> Result<StartOutcome, StoreError> {
+        let tag = user_tag(&c.subject);
+        let keys = &self.keys;
+        let script = &self.scripts.start;
+        let (code, ms) = self
+            .run(|mut conn| async move {
+                // The pointer goes first: if the script then refuses, it just
+                // dangles until it expires; the other order could leave a
+                // started challenge nobody can find.
+                let pointer = format!("{tag}:{}", c.channel.as_str());
+                let _: () = redis::cmd("SET")
+                    .arg(keys.pointer(&c.id))
+                    .arg(pointer)
+                    .arg("PX")
+                    .arg(expiry(limits.ttl))
+                    .query_async(&mut conn)
+                    .await?;
+                let reply: Vec<i64> = script
+                    .key(keys.lock(&tag))
+                    .key(keys.cooldown(&tag, c.channel))
+                    .key(keys.sends(&tag))
+                    .key(keys.challenge(&tag, c.channel))
+                    .arg(&c.id)
+                    .arg(&c.subject)
+                    .arg(&c.session)
+                    .arg(c.channel.as_str())
+                    .arg(hex(&c.code_hash))
+                    .arg(limits.max_attempts)
+                    .arg(expiry(limits.ttl))
+                    .arg(millis(limits.resend_after))
+                    .arg(limits.max_sends)
+                    .arg(expiry(limits.send_window))
+                    .arg(expiry(limits.lockout))
+                    .invoke_async(&mut conn)
+                    .await?;
+                pair(reply)
+            })
+            .await?;
+        let retry_after = retry_after(ms);
+        match code {
+            0 => Ok(StartOutcome::Started),
+            1 => Ok(StartOutcome::Locked { retry_after }),
+            2 => Ok(StartOutcome::Cooldown { retry_after }),
+            3 => Ok(StartOutcome::SendLimit { retry_after }),
+            _ => Err(StoreError("redis: unknown start outcome".into())),
+        }
+    }
+
+    async fn abort(&self, c: &NewChallenge) -> Result<(), StoreError> {
+        let tag = user_tag(&c.subject);
+        let keys = &self.keys;
+        let script = &self.scripts.abort;
+        self.run(|mut conn| async move {
+            let _: i64 = script
+                .key(keys.challenge(&tag, c.channel))
+                .key(keys.cooldown(&tag, c.channel))
+                .key(keys.sends(&tag))
+                .arg(&c.id)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lookup(&self, id: &str) -> Result<Option<Challenge>, StoreError> {
+        self.run(|mut conn| async move {
+            let Some((tag, channel)) = self.locate(&mut conn, id).await? else {
+                return Ok(None);
+            };
+            let hash: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+                .arg(self.keys.challenge(&tag, channel))
+                .query_async(&mut conn)
+                .await?;
+            parse_challenge(&hash, id, channel)
+        })
+        .await
+    }
+
+    async fn locked(&self, subject: &str) -> Result<Option<Duration>, StoreError> {
+        let key = self.keys.lock(&user_tag(subject));
+        let ms: i64 = self
+            .run(|mut conn| async move { redis::cmd("PTTL").arg(key).query_async(&mut conn).await })
+            .await?;
+        match ms {
+            -2 => Ok(None),
+            // Every lock is written with an expiry; one without is not ours
+            // to interpret, so fail closed.
+            -1 => Err(StoreError("redis: lock key without expiry".into())),
+            ms => Ok(Some(retry_after(ms))),
+        }
+    }
+
+    async fn consume(&self, id: &str) -> Result<bool, StoreError> {
+        let script = &self.scripts.consume;
+        self.run(|mut conn| async move {
+            let Some((tag, channel)) = self.locate(&mut conn, id).await? else {
+                return Ok(false);
+            };
+            let spent: i64 = script
+                .key(self.keys.challenge(&tag, channel))
+                .arg(id)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(spent == 1)
+        })
+        .await
+    }
+
+    async fn fail(&self, id: &str, subject: &str, limits: &Limits) -> Result<Failure, StoreError> {
+        let tag = user_tag(subject);
+        let keys = &self.keys;
+        let script = &self.scripts.fail;
+        let (left, locked_ms) = self
+            .run(|mut conn| async move {
+                let mut invocation = script.key(keys.fails(&tag));
+                invocation.key(keys.lock(&tag));
+                for channel in Channel::ALL {
+                    invocation.key(keys.challenge(&tag, channel));
+                }
+                let reply: Vec<i64> = invocation
+                    .arg(id)
+                    .arg(limits.max_failures)
+                    .arg(expiry(limits.lockout))
+                    .invoke_async(&mut conn)
+                    .await?;
+                pair(reply)
+            })
+            .await?;
+        Ok(Failure {
+            attempts_left: u32::try_from(left)
+                .map_err(|_| StoreError("redis: attempt count out of range".into()))?,
+            locked_for: (locked_ms > 0).then(|| retry_after(locked_ms)),
+        })
+    }
+
+    async fn spend_once(&self, jti: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = self.keys.once(jti);
+        let reply: Value = self
+            .run(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(expiry(ttl))
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        match reply {
+            Value::Okay => Ok(true),
+            Value::Nil => Ok(false),
+            _ => Err(StoreError("redis: unexpected reply to SET NX".into())),
+        }
+    }
+
+    async fn revoke(&self, jti: &str, ttl: Duration) -> Result<(), StoreError> {
+        let key = self.keys.revoked(jti);
+        self.run(|mut conn| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(expiry(ttl))
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        let key = self.keys.revoked(jti);
+        let n: i64 =
+            self.run(|mut conn| async move {
+                redis::cmd("EXISTS").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn put_blob(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let key = self.keys.blob(key);
+        self.run(|mut conn| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(expiry(ttl))
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn take_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.keys.blob(key);
+        self.run(
+            |mut conn| async move { redis::cmd("GETDEL").arg(key).query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let reply: String = self
+            .run(|mut conn| async move { redis::cmd("PING").query_async(&mut conn).await })
+            .await?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError("redis: unexpected reply to PING".into()))
+        }
+    }
+}

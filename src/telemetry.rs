@@ -1,0 +1,233 @@
+//! Logs, metrics and audit events.
+//!
+//! Logs never carry a token, a cookie, a code or a full contact: request
+//! logs name the normalised path (no query) and the outcome; audit events
+//! name the subject, channel, rule and client address.
+
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::config::{Log, LogFormat};
+
+/// Install the global tracing subscriber. `RUST_LOG` overrides the level.
+pub fn init_logging(log: &Log) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, `demo`) keeps the first subscriber.
+    let _ = match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// What happened to a request, as a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Forwarded,
+    Denied,
+    Unauthenticated,
+    Challenged,
+    BadRequest,
+    UpstreamError,
+    Gateway,
+    StoreUnavailable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Denied => "denied",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::Challenged => "challenged",
+            Outcome::BadRequest => "bad_request",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Gateway => "gateway",
+            Outcome::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    rule: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+/// The gateway's Prometheus metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    audit: Family<EventLabels, Counter>,
+    connections: Gauge<i64, std::sync::atomic::AtomicI64>,
+    reloads: Family<EventLabels, Counter<u64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("stepgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by matched rule and outcome",
+            requests.clone(),
+        );
+        let duration = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "request_duration_seconds",
+            "Time to the response head, gateway plus upstream",
+            duration.clone(),
+        );
+        let audit = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "audit_events",
+            "Step-up audit events by kind",
+            audit.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        let reloads = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Policy reloads by result",
+            reloads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            audit,
+            connections,
+            reloads,
+        }
+    }
+
+    pub fn request(&self, rule: &str, outcome: Outcome, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                rule: rule.to_string(),
+                outcome: outcome.as_str().to_string(),
+            })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&EventLabels {
+                event: if ok { "ok" } else { "rejected" }.into(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn count_event(&self, event: &str) {
+        self.audit
+            .get_or_create(&EventLabels {
+                event: event.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// A step-up audit event. Fields are what an auditor needs, and nothing
+/// that would let a reader of the log take over the step-up.
+#[derive(Debug, Clone, Copy)]
+pub enum AuditEvent {
+    ChallengeStarted,
+    CodeSent,
+    DeliveryFailed,
+    VerifyOk,
+    VerifyFailed,
+    Lockout,
+    TokenIssued,
+    TokenSpent,
+    Logout,
+    Refused,
+}
+
+impl AuditEvent {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuditEvent::ChallengeStarted => "challenge_started",
+            AuditEvent::CodeSent => "code_sent",
+            AuditEvent::DeliveryFailed => "delivery_failed",
+            AuditEvent::VerifyOk => "verify_ok",
+            AuditEvent::VerifyFailed => "verify_failed",
+            AuditEvent::Lockout => "lockout",
+            AuditEvent::TokenIssued => "token_issued",
+            AuditEvent::TokenSpent => "token_spent",
+            AuditEvent::Logout => "logout",
+            AuditEvent::Refused => "refused",
+        }
+    }
+}
+
+/// Who and where an audit event is about.
+pub struct AuditContext<'a> {
+    pub subject: &'a str,
+    pub channel: Option<&'a str>,
+    pub rule: Option<&'a str>,
+    pub client: IpAddr,
+}
+
+/// Emit an audit event (target `stepgate::audit`) and count it.
+pub fn audit(metrics: &Metrics, event: AuditEvent, ctx: &AuditContext<'_>, detail: &str) {
+    metrics.count_event(event.as_str());
+    tracing::info!(
+        target: "stepgate::audit",
+        event = event.as_str(),
+        subject = ctx.subject,
+        channel = ctx.channel.unwrap_or("-"),
+        rule = ctx.rule.unwrap_or("-"),
+        client = %ctx.client,
+        detail,
+        "audit"
+    );
+}

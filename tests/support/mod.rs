@@ -1,0 +1,8 @@
+//! Real parts for integration tests: redis-server, an SMTP server, HTTP
+//! upstreams and the gateway itself, each on a 127.0.0.1 port chosen by the
+//! OS and stopped when dropped.
+#![allow(dead_code)]
+
+pub mod http_sink;
+pub mod redis;
+pub mod smtp;
