@@ -225,11 +225,8 @@ async fn email_after_server_stopped_is_unavailable() {
         .await
         .expect_err("server stopped");
 
-    assert!(
-        matches!(err, DeliveryError::Unavailable(_) | DeliveryError::Timeout),
-        "{err:?}"
-    );
-    assert!(started.elapsed() <= Duration::from_secs(4));
+    assert!(matches!(err, DeliveryError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(sink.messages().len(), 1);
 }
 
@@ -288,11 +285,11 @@ async fn email_authenticates_with_credentials() {
 }
 
 #[tokio::test]
-// Protects against STARTTLS being skipped or the extra CA (ca_file) being
-// ignored.
-async fn email_over_starttls_trusting_extra_ca() {
+// Protects against STARTTLS being skipped, the extra CA (ca_file) being
+// ignored, or credentials not being sent after the upgrade.
+async fn email_over_starttls_with_auth_trusting_extra_ca() {
     let ca = TestCa::generate();
-    let sink = SmtpServer::start_tls("starttls", &ca);
+    let sink = SmtpServer::start_tls("starttls", &ca, Some(("mailer", "s3cret")));
     let mut settings = email_settings(sink.port());
     settings.security = SmtpSecurity::StartTls;
     settings.ca_file = Some(ca.ca_pem.clone());
@@ -313,7 +310,7 @@ async fn email_over_starttls_trusting_extra_ca() {
 // Protects against implicit TLS (SMTPS) not working with a private CA.
 async fn email_over_implicit_tls_trusting_extra_ca() {
     let ca = TestCa::generate();
-    let sink = SmtpServer::start_tls("implicit", &ca);
+    let sink = SmtpServer::start_tls("implicit", &ca, None);
     let mut settings = email_settings(sink.port());
     settings.security = SmtpSecurity::Tls;
     settings.ca_file = Some(ca.ca_pem.clone());
@@ -332,7 +329,7 @@ async fn email_over_implicit_tls_trusting_extra_ca() {
 // Protects against accepting an untrusted server certificate.
 async fn email_over_tls_refuses_untrusted_certificate() {
     let ca = TestCa::generate();
-    let sink = SmtpServer::start_tls("implicit", &ca);
+    let sink = SmtpServer::start_tls("implicit", &ca, None);
     let mut settings = email_settings(sink.port());
     settings.security = SmtpSecurity::Tls;
     let notifier = EmailNotifier::new(settings).expect("valid settings");
@@ -405,6 +402,23 @@ async fn email_settings_are_validated() {
     let mut tls = email_settings(465);
     tls.security = SmtpSecurity::Tls;
     assert!(EmailNotifier::new(tls).is_ok());
+}
+
+#[test]
+// Protects against configuration validation (which runs before any Tokio
+// runtime exists) failing just because notifiers are built there.
+fn notifiers_can_be_built_outside_a_runtime() {
+    let mut email = email_settings(587);
+    email.security = SmtpSecurity::StartTls;
+    email.username = Some("mailer".to_owned());
+    email.password = Some("s3cret".to_owned());
+    assert!(EmailNotifier::new(email).is_ok());
+
+    let sms = SmsSettings::Webhook {
+        url: "https://hooks.example.com/sms".parse().expect("URI"),
+        auth_header: None,
+    };
+    assert!(SmsNotifier::new(sms, WAIT).is_ok());
 }
 
 #[tokio::test]

@@ -2,11 +2,13 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::transport::smtp::AsyncSmtpTransportBuilder;
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::{error_chain, mask_email, minutes_phrase, CodeMessage, DeliveryError, Notifier};
@@ -65,7 +67,9 @@ impl fmt::Debug for EmailSettings {
 /// Sends one-time codes as multipart (plain text + HTML) emails through one
 /// pooled SMTP transport.
 pub struct EmailNotifier {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    builder: AsyncSmtpTransportBuilder,
+    /// Built on first use: the pool starts a task on the current runtime.
+    transport: OnceLock<AsyncSmtpTransport<Tokio1Executor>>,
     from: Mailbox,
     subject: String,
     timeout: Duration,
@@ -82,13 +86,11 @@ impl fmt::Debug for EmailNotifier {
 }
 
 impl EmailNotifier {
-    /// Checks the settings and builds the SMTP transport. Must be called
-    /// inside a Tokio runtime (the connection pool runs a background task).
-    /// No connection is made until the first send.
+    /// Checks the settings (sender, credentials, TLS roots) and prepares the
+    /// SMTP transport. Nothing connects and no task starts before the first
+    /// send, so this also works outside a Tokio runtime (e.g. to validate a
+    /// configuration).
     pub fn new(settings: EmailSettings) -> Result<EmailNotifier, String> {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err("the email notifier must be created inside a Tokio runtime".to_owned());
-        }
         let host = settings.host.trim();
         if host.is_empty() {
             return Err("email: SMTP host is empty".to_owned());
@@ -130,11 +132,17 @@ impl EmailNotifier {
         }
 
         Ok(EmailNotifier {
-            transport: builder.build(),
+            builder,
+            transport: OnceLock::new(),
             from,
             subject: settings.subject,
             timeout: settings.timeout,
         })
+    }
+
+    /// The pooled transport, built on first use.
+    fn transport(&self) -> &AsyncSmtpTransport<Tokio1Executor> {
+        self.transport.get_or_init(|| self.builder.clone().build())
     }
 
     /// Builds the email for `msg`.
@@ -181,7 +189,7 @@ impl EmailNotifier {
 impl Notifier for EmailNotifier {
     async fn send(&self, msg: &CodeMessage<'_>) -> Result<(), DeliveryError> {
         let email = self.message(msg)?;
-        let result = match tokio::time::timeout(self.timeout, self.transport.send(email)).await {
+        let result = match tokio::time::timeout(self.timeout, self.transport().send(email)).await {
             Err(_elapsed) => Err(DeliveryError::Timeout),
             Ok(Ok(_response)) => Ok(()),
             Ok(Err(e)) => Err(classify(&e)),

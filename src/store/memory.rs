@@ -370,11 +370,7 @@ impl ChallengeStore for MemoryStore {
         };
         // Only the challenge that is still open is undone, and only once: a
         // repeated or late abort must not hand out extra sends.
-        if !slot
-            .challenge
-            .as_ref()
-            .is_some_and(|ch| ch.value.id == c.id)
-        {
+        if slot.challenge.as_ref().is_none_or(|ch| ch.value.id != c.id) {
             return Ok(());
         }
         slot.challenge = None;

@@ -197,7 +197,8 @@ struct Scripts {
 /// Where to connect to.
 enum Target {
     Node(redis::Client),
-    Cluster(ClusterClient),
+    // Boxed: a cluster client is several times the size of a node client.
+    Cluster(Box<ClusterClient>),
 }
 
 /// A connection handle; both kinds multiplex and are cheap to clone.
@@ -254,7 +255,7 @@ impl RedisStore {
             .response_timeout(RESPONSE_TIMEOUT)
             .build()
             .map_err(|e| StoreError(format!("redis cluster urls: {e}")))?;
-        RedisStore::with_target(Target::Cluster(client), prefix)
+        RedisStore::with_target(Target::Cluster(Box::new(client)), prefix)
     }
 
     fn with_target(target: Target, prefix: &str) -> Result<RedisStore, StoreError> {

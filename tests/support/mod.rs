@@ -3,6 +3,8 @@
 //! OS and stopped when dropped.
 #![allow(dead_code)]
 
+pub mod gateway;
 pub mod http_sink;
 pub mod redis;
 pub mod smtp;
+pub mod upstream;

@@ -59,11 +59,17 @@ impl SmtpServer {
 
     /// A sink that speaks TLS with a certificate for `127.0.0.1`/`localhost`
     /// issued by `ca`: `"starttls"` (STARTTLS offered and required) or
-    /// `"implicit"` (TLS from the first byte).
-    pub fn start_tls(mode: &str, ca: &TestCa) -> SmtpServer {
+    /// `"implicit"` (TLS from the first byte); with `auth`, SMTP AUTH with
+    /// those credentials is required too.
+    pub fn start_tls(mode: &str, ca: &TestCa, auth: Option<(&str, &str)>) -> SmtpServer {
         let cert = ca.cert.to_string_lossy().into_owned();
         let key = ca.key.to_string_lossy().into_owned();
-        SmtpServer::start_with(&["--tls", mode, "--tls-cert", &cert, "--tls-key", &key])
+        let credentials = auth.map(|(user, password)| format!("{user}:{password}"));
+        let mut args = vec!["--tls", mode, "--tls-cert", &cert, "--tls-key", &key];
+        if let Some(credentials) = &credentials {
+            args.extend(["--auth", credentials]);
+        }
+        SmtpServer::start_with(&args)
     }
 
     /// A sink started with extra `smtp_sink.py` arguments.

@@ -1,0 +1,702 @@
+//! The gateway core end to end over TCP: forwarding, header hygiene,
+//! normalisation, policy answers, primary identity, limits, timeouts,
+//! TLS, WebSocket, admin endpoints.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::gateway::*;
+use support::upstream::Upstream;
+
+async fn setup() -> (Upstream, TestGateway) {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    (up, gw)
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test]
+// The upstream sees the identity, forwarded headers and the normalised
+// path, and never a client-supplied X-Stepgate-* header.
+async fn forwards_with_identity_and_forwarded_headers() {
+    let (_up, gw) = setup().await;
+    let tok = primary_token("alice", Some("alice@example.com"), None, None);
+    let auth = bearer(&tok);
+    let res = get(
+        &gw.url("/account/./a//b/?q=1%2F"),
+        &[
+            ("authorization", &auth),
+            ("x-stepgate-user", "mallory"),
+            ("x-stepgate-stepup", "email"),
+            ("x_stepgate_user", "mallory"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-original-url", "/admin"),
+            ("host", "app.example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    let echo = res.json();
+    assert_eq!(echo["path"], "/account/a/b/?q=1%2F");
+    assert_eq!(
+        res.upstream_header("x-stepgate-user").as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        res.upstream_header("x-stepgate-email").as_deref(),
+        Some("alice@example.com")
+    );
+    assert_eq!(res.upstream_header("x-stepgate-stepup"), None);
+    assert_eq!(res.upstream_header("x_stepgate_user"), None);
+    assert_eq!(
+        res.upstream_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        res.upstream_header("x-forwarded-proto").as_deref(),
+        Some("http")
+    );
+    assert_eq!(
+        res.upstream_header("x-forwarded-host").as_deref(),
+        Some("app.example.com")
+    );
+    assert_eq!(res.upstream_header("x-original-url"), None);
+}
+
+#[tokio::test]
+// Hop-by-hop headers go nowhere, and Connection cannot remove what the
+// gateway sets (X-Forwarded-For, X-Stepgate-User).
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let (_up, gw) = setup().await;
+    let tok = primary_token("alice", None, None, None);
+    let auth = bearer(&tok);
+    let res = get(
+        &gw.url("/account/x"),
+        &[
+            ("authorization", &auth),
+            (
+                "connection",
+                "x-secret, x-forwarded-for, x-stepgate-user, keep-alive",
+            ),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    for h in [
+        "x-secret",
+        "keep-alive",
+        "te",
+        "connection",
+        "proxy-authorization",
+    ] {
+        assert_eq!(res.upstream_header(h), None, "{h} was forwarded");
+    }
+    assert_eq!(
+        res.upstream_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        res.upstream_header("x-stepgate-user").as_deref(),
+        Some("alice")
+    );
+    // Response side: the upstream's hop-by-hop headers stop at the gateway.
+    assert!(res.header("keep-alive").is_none());
+    assert!(res.header("x-upstream-private").is_none());
+}
+
+#[tokio::test]
+// Normalisation happens before matching: dot segments, doubled slashes and
+// encoded unreserved characters cannot reach a protected route unprotected.
+async fn normalisation_cannot_bypass_rules() {
+    let (up, gw) = setup().await;
+    for path in [
+        "/assets/../admin/x",
+        "//admin/x",
+        "/%61dmin/x",
+        "/assets/%2e%2e/admin",
+        "/admin",
+        "/admin/",
+        "/./admin/./x",
+    ] {
+        let res = get(&gw.url(path), &[]).await;
+        assert_eq!(
+            res.status,
+            StatusCode::UNAUTHORIZED,
+            "{path}: {}",
+            res.text()
+        );
+    }
+    // Ambiguous paths are refused outright and never forwarded.
+    let before = up.hits();
+    for path in [
+        "/admin%2fx",
+        "/admin%5cx",
+        "/..",
+        "/a/../..",
+        "/%c0%ae%c0%ae/admin",
+        "/a%00b",
+    ] {
+        let res = get(&gw.url(path), &[]).await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(res.json()["error"], "bad_path");
+    }
+    for target in ["/..;/admin", "/admin\\x", "/admin;jsessionid=1/x"] {
+        let resp = raw(
+            gw.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(raw_status(&resp), 400, "{target}: {resp}");
+    }
+    assert_eq!(up.hits(), before, "a refused path reached the upstream");
+}
+
+#[tokio::test]
+// Deny rules answer 403 and never reach the upstream; public rules pass
+// without identity; unmatched paths follow `default: pass`.
+async fn deny_public_and_default() {
+    let (up, gw) = setup().await;
+    let res = get(&gw.url("/internal/metrics"), &[]).await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN);
+    assert_eq!(res.json()["error"], "forbidden");
+    assert_eq!(up.hits(), 0);
+    assert_eq!(
+        get(&gw.url("/assets/app.css"), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(get(&gw.url("/anything"), &[]).await.status, StatusCode::OK);
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+// The contract's answer table for step-up routes without identity or factor.
+async fn stepup_route_answers_per_contract() {
+    let (up, gw) = setup().await;
+    // No identity, API client: 401 with realm.
+    let res = get(&gw.url("/admin/users"), &[]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        res.header("www-authenticate"),
+        Some("Bearer realm=\"stepgate\"")
+    );
+    // No identity, browser: to the login page with rd.
+    let res = get(
+        &gw.url("/admin/users?x=1"),
+        &[("accept", "text/html,application/xhtml+xml")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::FOUND);
+    assert_eq!(
+        res.header("location"),
+        Some("https://idp.test/login?rd=/admin/users%3Fx%3D1")
+    );
+    // Identity, no factor, API client: RFC 9470.
+    let tok = primary_token("alice", Some("a@example.com"), None, None);
+    let auth = bearer(&tok);
+    let res = get(&gw.url("/admin/users"), &[("authorization", &auth)]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    let www = res
+        .header("www-authenticate")
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        www.starts_with("Bearer error=\"insufficient_user_authentication\", error_description=\""),
+        "{www}"
+    );
+    assert!(www.ends_with("max_age=300"), "{www}");
+    let body = res.json();
+    assert_eq!(body["error"], "insufficient_user_authentication");
+    assert_eq!(body["max_age"], 300);
+    assert_eq!(body["methods"], "/.stepgate/api/methods");
+    // Identity, no factor, browser: to the challenge page.
+    let res = get(
+        &gw.url("/admin/users?x=1"),
+        &[("authorization", &auth), ("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::FOUND);
+    assert_eq!(
+        res.header("location"),
+        Some("/.stepgate/challenge?rd=/admin/users%3Fx%3D1")
+    );
+    // A forged second-factor token does not help.
+    let res = get(
+        &gw.url("/admin/users"),
+        &[("authorization", &auth), ("x-second-factor-token", &tok)],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+// Every way a primary JWT can be wrong ends in 401, never forwarded.
+async fn jwt_rejection_cases() {
+    let (up, gw) = setup().await;
+    let now = stepgate::token::unix_now();
+    let good = serde_json::json!({"sub": "alice", "iss": "https://idp.test", "aud": "legacy-app", "exp": now + 600});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let b64 = |s: &str| base64_url(s.as_bytes());
+    let sign_with = |key: &[u8], alg: jsonwebtoken::Algorithm, claims: &serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(alg),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )
+        .unwrap_or_default()
+    };
+    let payload = b64(&good.to_string());
+    let mut no_exp = good.clone();
+    no_exp.as_object_mut().map(|o| o.remove("exp"));
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "bad signature",
+            sign_with(
+                b"another-secret-0123456789abcdef0123",
+                jsonwebtoken::Algorithm::HS256,
+                &good,
+            ),
+        ),
+        (
+            "alg none",
+            format!("{}.{payload}.", b64(r#"{"alg":"none","typ":"JWT"}"#)),
+        ),
+        (
+            "alg not allowed (HS512)",
+            sign_with(JWT_SECRET.as_bytes(), jsonwebtoken::Algorithm::HS512, &good),
+        ),
+        ("alg confusion (RS256 header, HMAC body)", {
+            let head = b64(r#"{"alg":"RS256","typ":"JWT"}"#);
+            format!("{head}.{payload}.{}", b64("sig"))
+        }),
+        ("expired", sign(&with("exp", (now - 10).into()))),
+        ("missing exp", sign(&no_exp)),
+        (
+            "string exp",
+            sign(&with("exp", (now + 600).to_string().into())),
+        ),
+        (
+            "wrong issuer",
+            sign(&with("iss", "https://evil.test".into())),
+        ),
+        ("wrong audience", sign(&with("aud", "other-app".into()))),
+        ("no subject", sign(&with("sub", serde_json::Value::Null))),
+        ("garbage", "not.a.jwt".into()),
+    ];
+    for (name, token) in cases {
+        let auth = bearer(&token);
+        let res = get(&gw.url("/account/me"), &[("authorization", &auth)]).await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{name} was accepted");
+        // The same token in the cookie is refused too.
+        let cookie = format!("access_token={token}");
+        let res = get(&gw.url("/account/me"), &[("cookie", &cookie)]).await;
+        assert_eq!(
+            res.status,
+            StatusCode::UNAUTHORIZED,
+            "{name} (cookie) was accepted"
+        );
+    }
+    assert_eq!(up.hits(), 0);
+    // And the good one passes, from header and from cookie.
+    let res = get(
+        &gw.url("/account/me"),
+        &[("authorization", &bearer(&sign(&good)))],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    let cookie = format!("access_token={}", sign(&good));
+    let res = get(&gw.url("/account/me"), &[("cookie", &cookie)]).await;
+    assert_eq!(res.status, StatusCode::OK);
+}
+
+fn base64_url(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+#[tokio::test]
+// A trusted-identity header from a peer outside `from` is stripped: it
+// neither authenticates nor reaches the upstream.
+async fn trusted_header_only_from_trusted_peers() {
+    let (_up, gw) = setup().await;
+    let res = get(&gw.url("/account/me"), &[("x-forwarded-user", "admin")]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    let res = get(
+        &gw.url("/public"),
+        &[("x-forwarded-user", "admin"), ("x-forwarded-email", "a@b")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(res.upstream_header("x-forwarded-user"), None);
+    assert_eq!(res.upstream_header("x-forwarded-email"), None);
+    assert_eq!(res.upstream_header("x-stepgate-user"), None);
+}
+
+#[tokio::test]
+// A method override that would land on another rule is refused.
+async fn method_override_cannot_change_the_rule() {
+    let (up, gw) = setup().await;
+    let res = get(
+        &gw.url("/api/v1/keys"),
+        &[("x-http-method-override", "DELETE")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(res.json()["error"], "method_override");
+    // The same override on a path where it changes nothing is forwarded.
+    let res = get(&gw.url("/other"), &[("x-http-method-override", "DELETE")]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+// HEAD is covered by a rule listing GET; methods are matched as sent.
+async fn methods_match_as_sent() {
+    let (_up, gw) = setup().await;
+    // The keys rule lists POST and DELETE only: GET passes by default.
+    assert_eq!(
+        get(&gw.url("/api/v1/keys"), &[]).await.status,
+        StatusCode::OK
+    );
+    let res = request(Method::POST, &gw.url("/api/v1/keys"), &[], Bytes::new()).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    let res = request(Method::HEAD, &gw.url("/admin/x"), &[], Bytes::new()).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+// Oversized heads and targets get 431/414; a slowloris client is cut off.
+async fn limits_on_heads_targets_and_slow_clients() {
+    let (up, gw) = setup().await;
+    let big = "a".repeat(20 * 1024);
+    let resp = raw(
+        gw.addr,
+        format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 431, "{resp}");
+    let long = "/x".repeat(5 * 1024);
+    let resp = raw(
+        gw.addr,
+        format!("GET {long} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 414, "{resp}");
+    assert_eq!(up.hits(), 0);
+    // Slowloris: half a request head, then silence. The gateway closes the
+    // connection after header_read_timeout (2s), well before our 5s bound.
+    let start = std::time::Instant::now();
+    let resp = raw(gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "slow client held the connection"
+    );
+    assert!(resp.is_empty() || raw_status(&resp) == 408, "{resp}");
+}
+
+#[tokio::test]
+// Upstream failures map to 502/504 with a short JSON error.
+async fn upstream_errors_map_to_502_and_504() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let res = get(&gw.url("/slow?ms=4000"), &[]).await;
+    assert_eq!(res.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(res.json()["error"], "upstream_timeout");
+
+    let port = free_port();
+    let down = TestGateway::start(&config_yaml(
+        &format!("http://127.0.0.1:{port}"),
+        CONSOLE,
+        "",
+    ))
+    .await;
+    let res = get(&down.url("/x"), &[]).await;
+    assert_eq!(res.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(res.json()["error"], "upstream_unavailable");
+}
+
+#[tokio::test]
+// A connect that never completes ends in 502 after connect_timeout.
+async fn connect_timeout_is_502() {
+    // A listener with a backlog of 1 that never accepts: once the backlog is
+    // full the kernel drops further SYNs, so connects hang.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    let _listener = sock.listen(1).expect("listen");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let gw = TestGateway::start(&config_yaml(&format!("http://{addr}"), CONSOLE, "")).await;
+    let start = std::time::Instant::now();
+    let res = get(&gw.url("/x"), &[]).await;
+    assert_eq!(res.status, StatusCode::BAD_GATEWAY, "{}", res.text());
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "connect_timeout not applied"
+    );
+}
+
+#[tokio::test]
+// WebSocket upgrades pass through and echo.
+async fn websocket_echo_through_gateway() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (_up, gw) = setup().await;
+    let (mut ws, res) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr))
+        .await
+        .expect("websocket handshake");
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text("hello through stepgate"))
+        .await
+        .expect("send");
+    let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time");
+    assert_eq!(
+        msg.expect("message")
+            .expect("ok")
+            .into_text()
+            .expect("text")
+            .as_str(),
+        "hello through stepgate"
+    );
+}
+
+/// Resident set size of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Bodies stream both ways: 512 MiB up and down move through the gateway
+// without the process growing by anything near that.
+async fn large_bodies_stream_with_bounded_memory() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let (_up, gw) = setup().await;
+    const TOTAL: u64 = 512 * 1024 * 1024;
+    let base = rss();
+    // Upload: a generated stream, never in memory whole.
+    let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
+    let stream = futures_util::stream::iter(
+        (0..TOTAL / chunk.len() as u64)
+            .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
+    );
+    let client: hyper_util::client::legacy::Client<_, StreamBody<_>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::post(gw.url("/upload"))
+        .header("content-length", TOTAL.to_string())
+        .body(StreamBody::new(stream))
+        .expect("request");
+    let res = client.request(req).await.expect("upload");
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("{{\"received\":{TOTAL}}}")
+    );
+    // Download: read frame by frame.
+    let plain: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let res = plain
+        .get(
+            gw.url(&format!("/stream?bytes={TOTAL}"))
+                .parse()
+                .expect("uri"),
+        )
+        .await
+        .expect("download");
+    let mut body = res.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        got += frame
+            .expect("frame")
+            .data_ref()
+            .map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(got, TOTAL);
+    let grown = rss().saturating_sub(base);
+    assert!(
+        grown < 96 * 1024 * 1024,
+        "memory grew by {} MiB",
+        grown / (1024 * 1024)
+    );
+}
+
+#[tokio::test]
+// Health, readiness and metrics live on the admin listener only.
+async fn admin_endpoints() {
+    let (_up, gw) = setup().await;
+    let _ = get(&gw.url("/internal/x"), &[]).await;
+    assert_eq!(
+        get(&gw.admin_url("/healthz"), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&gw.admin_url("/readyz"), &[]).await.status,
+        StatusCode::OK
+    );
+    let m = get(&gw.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        m.contains(r#"stepgate_requests_total{rule="internal",outcome="denied"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains("stepgate_request_duration_seconds_bucket"),
+        "{m}"
+    );
+    // On the public listener, /metrics is just another upstream path.
+    let res = get(&gw.url("/metrics"), &[]).await;
+    assert_eq!(res.json()["upstream"], "echo");
+}
+
+/// A dev CA and a server certificate for localhost, made by the script
+/// the README tells operators to use.
+fn make_cert(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let status = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-cert.sh"
+    ))
+    .arg(dir)
+    .stdout(std::process::Stdio::null())
+    .status()
+    .expect("gen-dev-cert.sh runs");
+    assert!(status.success());
+    (
+        dir.join("server.crt"),
+        dir.join("server.key"),
+        dir.join("ca.crt"),
+    )
+}
+
+#[tokio::test]
+// TLS termination: h2 and http/1.1 by ALPN, both forwarded to a plain upstream.
+async fn tls_with_h2_and_http11() {
+    use rustls_pki_types::pem::PemObject;
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (crt, key, ca) = make_cert(dir.path());
+    let yaml = config_yaml(&up.url(), CONSOLE, "").replacen(
+        "  header_read_timeout: 2s\n",
+        &format!(
+            "  header_read_timeout: 2s\n  tls:\n    cert: {}\n    key: {}\n",
+            crt.display(),
+            key.display()
+        ),
+        1,
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&ca).expect("pem") {
+        roots.add(c.expect("cert")).expect("add root");
+    }
+    for (alpn, want) in [
+        (b"h2".to_vec(), http::Version::HTTP_2),
+        (b"http/1.1".to_vec(), http::Version::HTTP_11),
+    ] {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![alpn];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(gw.addr).await.expect("tcp");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("tls handshake");
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let req = http::Request::get(format!("https://localhost:{}/hello", gw.addr.port()))
+            .version(want)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("req");
+        let res = if want == http::Version::HTTP_2 {
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .expect("h2");
+            tokio::spawn(conn);
+            send.send_request(req).await.expect("h2 response")
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1");
+            tokio::spawn(conn);
+            let mut req = req;
+            req.headers_mut()
+                .insert("host", http::HeaderValue::from_static("localhost"));
+            send.send_request(req).await.expect("h1 response")
+        };
+        assert_eq!(res.version(), want);
+        assert_eq!(res.status(), StatusCode::OK);
+        use http_body_util::BodyExt;
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        let echo: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(echo["path"], "/hello");
+        assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+        assert!(echo["headers"]["host"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("localhost"));
+    }
+}
+
+#[tokio::test]
+// SIGTERM lets an in-flight request finish, then the process exits 0.
+async fn sigterm_drains_in_flight_requests() {
+    let up = Upstream::start().await;
+    let mut gw = BinaryGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let url = gw.url("/slow?ms=1500");
+    let inflight = tokio::spawn(async move { get(&url, &[]).await });
+    // Wait until the request has reached the upstream.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while up.hits() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request never reached upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.signal("TERM");
+    let res = inflight.await.expect("task");
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(res.text(), "slow done");
+    let status = tokio::task::spawn_blocking(move || gw.child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+}
