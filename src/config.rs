@@ -261,8 +261,17 @@ impl Config {
             file: file.to_path_buf(),
             problems,
         };
-        let raw: raw::File = raw::with_env(env.clone(), || serde_yaml::from_str(text))
-            .map_err(|e| fail(vec![problem_from_serde(&e)]))?;
+        let (parsed, missing) =
+            raw::with_env(env.clone(), || serde_yaml::from_str::<raw::File>(text));
+        let mut env_problems = missing_env_problems(text, &missing);
+        let raw = match parsed {
+            Ok(raw) => raw,
+            Err(e) => {
+                env_problems.push(problem_from_serde(&e));
+                env_problems.sort_by_key(|p| (p.line, p.col));
+                return Err(fail(env_problems));
+            }
+        };
         let index = PositionIndex::build(text);
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut v = Validator {
@@ -271,12 +280,15 @@ impl Config {
             problems: Vec::new(),
         };
         let config = v.file(file, raw);
-        if v.problems.is_empty() {
+        if v.problems.is_empty() && env_problems.is_empty() {
             if let Some(config) = config {
                 return Ok(config);
             }
         }
+        // A value with an unset variable is reported once, as that.
         let mut problems = v.problems;
+        problems.retain(|p| !env_problems.iter().any(|e| e.line == p.line));
+        problems.extend(env_problems);
         problems.sort_by_key(|p| (p.line, p.col));
         Err(fail(problems))
     }
@@ -293,6 +305,31 @@ impl Config {
             Err(e) => panic!("built-in demo config is invalid: {e}"),
         }
     }
+}
+
+/// One problem per `${NAME}` use of an unset variable, at its position.
+fn missing_env_problems(text: &str, missing: &[String]) -> Vec<Problem> {
+    let mut names: Vec<&String> = missing.iter().collect();
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let needle = format!("${{{name}}}");
+        for (ln, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with('#') {
+                continue;
+            }
+            for (col, _) in line.match_indices(&needle) {
+                out.push(Problem {
+                    line: ln + 1,
+                    col: line[..col].chars().count() + 1,
+                    key: String::new(),
+                    message: format!("environment variable {name} is not set"),
+                });
+            }
+        }
+    }
+    out
 }
 
 fn problem_from_serde(e: &serde_yaml::Error) -> Problem {
@@ -475,19 +512,26 @@ mod raw {
         /// The environment `${NAME}` resolves against while this thread
         /// deserialises a config file.
         static CURRENT_ENV: RefCell<HashMap<String, String>> = RefCell::new(HashMap::new());
+        /// Variables found unset while deserialising, reported together
+        /// afterwards (so one missing variable does not hide the others).
+        static MISSING: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     }
 
     /// Run `f` with `env` resolving `${NAME}` in every [`Str`].
-    pub fn with_env<R>(env: HashMap<String, String>, f: impl FnOnce() -> R) -> R {
+    /// Also returns the names of unset variables, in order of appearance.
+    pub fn with_env<R>(env: HashMap<String, String>, f: impl FnOnce() -> R) -> (R, Vec<String>) {
         struct Reset;
         impl Drop for Reset {
             fn drop(&mut self) {
                 CURRENT_ENV.with(|c| c.borrow_mut().clear());
+                MISSING.with(|m| m.borrow_mut().clear());
             }
         }
         CURRENT_ENV.with(|c| *c.borrow_mut() = env);
         let _reset = Reset;
-        f()
+        let r = f();
+        let missing = MISSING.with(|m| std::mem::take(&mut *m.borrow_mut()));
+        (r, missing)
     }
 
     fn lookup(name: &str) -> Option<String> {
@@ -510,7 +554,7 @@ mod raw {
             }
             match lookup(name) {
                 Some(v) => out.push_str(&v),
-                None => return Err(format!("environment variable {name} is not set")),
+                None => MISSING.with(|m| m.borrow_mut().push(name.to_string())),
             }
             rest = &after[end + 1..];
         }
@@ -1908,13 +1952,24 @@ dev: true
     #[test]
     // An unset variable must not silently become an empty secret.
     fn unset_env_is_an_error_naming_it() {
-        let text = BASE.replace("${STEPGATE_KEY}", "${NOPE_KEY}");
+        let text = BASE
+            .replace("${STEPGATE_KEY}", "${NOPE_KEY}")
+            .replace("${JWT_SECRET}", "${NOPE_JWT}");
         let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        // Both are reported, each once, and not also as a short secret.
+        assert!(
+            e.contains("gateway.yaml:6:13: environment variable NOPE_JWT is not set"),
+            "{e}"
+        );
+        assert!(!e.contains("bytes"), "{e}");
         assert!(
             e.contains("environment variable NOPE_KEY is not set"),
             "{e}"
         );
-        assert!(e.starts_with("gateway.yaml:9:"), "{e}");
+        assert!(
+            e.contains("gateway.yaml:9:18: environment variable NOPE_KEY is not set"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1944,14 +1999,14 @@ default: maybe
         for want in [
             "gateway.yaml:2:8: upstream.url: invalid URL",
             "gateway.yaml:3:12: upstream.timeout: invalid duration",
-            "gateway.yaml:6:26: identity.jwt.algorithms[1]: alg none",
+            "gateway.yaml:6:25: identity.jwt.algorithms[1]: alg none",
             "gateway.yaml:7:13: identity.jwt.secret: HS secret is 5 bytes",
             "gateway.yaml:10:13: stepup.otp.length: 4 is out of range",
             "gateway.yaml:11:10: stepup.otp.ttl: codes valid longer than 10m",
             "gateway.yaml:13:18: stepup.token.signing_key: HS256 key is 8 bytes",
             "gateway.yaml:16:11: routes[0].path:",
             "gateway.yaml:17:24: routes[0].stepup.max_age: max_age 1h is longer",
-            "gateway.yaml:17:44: routes[0].stepup.factors[0]: unknown factor",
+            "gateway.yaml:17:38: routes[0].stepup.factors[0]: unknown factor",
             "gateway.yaml:18:10: default: unknown default policy",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");

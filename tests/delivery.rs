@@ -108,6 +108,8 @@ async fn email_arrives_with_subject_from_text_and_html() {
         smtp::header(&raw, "To").as_deref(),
         Some("jane.doe@example.com")
     );
+    assert!(smtp::header(&raw, "Message-ID").is_some(), "{raw}");
+    assert!(smtp::header(&raw, "Date").is_some(), "{raw}");
     let content_type = smtp::header(&raw, "Content-Type").expect("Content-Type header");
     assert!(
         content_type.starts_with("multipart/alternative"),
@@ -145,6 +147,26 @@ async fn email_html_escapes_product_name() {
     // The plain-text part shows the name as is.
     let text = smtp::text_part(&raw).expect("text/plain part");
     assert!(text.contains("<b>Acme</b>"), "{text}");
+}
+
+#[tokio::test]
+// Protects against non-ASCII product names garbling the email (the text
+// part then travels quoted-printable or base64).
+async fn email_with_unicode_product_name_decodes() {
+    let sink = SmtpServer::start();
+    let notifier = EmailNotifier::new(email_settings(sink.port())).expect("valid settings");
+
+    notifier
+        .send(&message("x@example.com", "774411", "Bänk Ünïon — 銀行"))
+        .await
+        .expect("sink accepts the message");
+
+    let raw = sink.wait_for_message("x@example.com", WAIT).await;
+    let text = smtp::text_part(&raw).expect("text/plain part");
+    assert!(text.contains("Bänk Ünïon — 銀行"), "{text}");
+    let html = smtp::html_part(&raw).expect("text/html part");
+    assert!(html.contains("Bänk Ünïon — 銀行"), "{html}");
+    assert_eq!(smtp::extract_code(&raw).as_deref(), Some("774411"));
 }
 
 #[tokio::test]
@@ -398,6 +420,12 @@ async fn email_settings_are_validated() {
     missing_ca.security = SmtpSecurity::Tls;
     missing_ca.ca_file = Some("/nonexistent/ca.pem".into());
     assert!(EmailNotifier::new(missing_ca).is_err());
+
+    let not_pem = tempfile::NamedTempFile::new().expect("temp file");
+    let mut empty_ca = email_settings(465);
+    empty_ca.security = SmtpSecurity::Tls;
+    empty_ca.ca_file = Some(not_pem.path().to_path_buf());
+    assert!(EmailNotifier::new(empty_ca).is_err());
 
     let mut tls = email_settings(465);
     tls.security = SmtpSecurity::Tls;

@@ -180,6 +180,7 @@ impl EmailNotifier {
             .from(self.from.clone())
             .to(Mailbox::new(None, to))
             .subject(self.subject.clone())
+            .message_id(None)
             .multipart(MultiPart::alternative_plain_html(text, html))
             .map_err(|_| DeliveryError::InvalidRecipient)
     }
@@ -226,6 +227,15 @@ fn tls_parameters(host: &str, ca_file: Option<&PathBuf>) -> Result<TlsParameters
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)
             .map_err(|e| format!("email: cannot read ca_file {}: {e}", path.display()))?;
+        if !pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(format!(
+                "email: ca_file {} holds no PEM certificate",
+                path.display()
+            ));
+        }
         let cert = Certificate::from_pem(&pem)
             .map_err(|e| format!("email: ca_file {}: {e}", path.display()))?;
         builder = builder.add_root_certificate(cert);

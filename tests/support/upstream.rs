@@ -145,10 +145,8 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                     .await;
                     let (mut tx, mut rx) = ws.split();
                     while let Some(Ok(msg)) = rx.next().await {
-                        if msg.is_text() || msg.is_binary() {
-                            if tx.send(msg).await.is_err() {
-                                break;
-                            }
+                        if (msg.is_text() || msg.is_binary()) && tx.send(msg).await.is_err() {
+                            break;
                         }
                     }
                 }

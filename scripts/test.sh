@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Run every stepgate test on a Debian machine with Rust installed.
+# Installs what the tests need (real redis-server, a real SMTP server,
+# openssl for test certificates, headless Chromium for the browser tests)
+# when it is missing, then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
+command -v openssl >/dev/null || need+=(openssl)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --all-targets --no-fail-fast "$@"
+  # nextest does not run doctests.
+  cargo test --doc
+else
+  cargo test --all-targets --no-fail-fast "$@"
+fi
