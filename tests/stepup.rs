@@ -1,0 +1,849 @@
+//! The step-up flow end to end: a real SMTP server receives the code, a
+//! real HTTP server receives SMS, the gateway forwards to a real upstream.
+//! Every behaviour test runs twice: on the in-memory store and on a real
+//! redis-server started for the test.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::gateway::*;
+use support::http_sink::HttpSink;
+use support::redis::RedisServer;
+use support::smtp::{extract_code, SmtpServer};
+use support::upstream::Upstream;
+
+/// Limits used unless a test overrides them.
+const OTP: &str = "    length: 6\n    ttl: 5m\n    max_attempts: 3\n    resend_after: 30s\n    max_sends: 5\n    lockout: 15m\n    max_failures: 6\n";
+
+struct Env {
+    up: Upstream,
+    smtp: SmtpServer,
+    sms: HttpSink,
+    gw: TestGateway,
+    redis: Option<RedisServer>,
+    yaml: String,
+}
+
+fn stepup_yaml(smtp_port: u16, sms_url: &str, otp: &str) -> String {
+    format!(
+        "  otp:\n{otp}  email:\n    smtp: {{ host: 127.0.0.1, port: {smtp_port}, security: none }}\n    from: \"Security <no-reply@example.com>\"\n    subject: \"Your verification code\"\n    timeout: 3s\n  sms:\n    webhook: {{ url: \"{sms_url}/send\", auth_header: \"Bearer sms-test-token\" }}\n    timeout: 3s\n"
+    )
+}
+
+impl Env {
+    async fn start(redis: bool, otp: &str) -> Env {
+        let up = Upstream::start().await;
+        let smtp = SmtpServer::start();
+        let sms = HttpSink::start(200).await;
+        let redis = redis.then(RedisServer::start);
+        let store = redis
+            .as_ref()
+            .map(|r| format!("store:\n  redis: {}\n  prefix: \"test:\"\n", r.url()))
+            .unwrap_or_default();
+        let yaml = config_yaml(
+            &up.url(),
+            &stepup_yaml(smtp.port(), &sms.url(), otp),
+            &store,
+        );
+        let gw = TestGateway::start(&yaml).await;
+        Env {
+            up,
+            smtp,
+            sms,
+            gw,
+            redis,
+            yaml,
+        }
+    }
+
+    /// Another gateway instance on the same config (and so the same store).
+    async fn second_instance(&self) -> TestGateway {
+        TestGateway::start(&self.yaml).await
+    }
+}
+
+/// A signed-in user.
+#[derive(Clone)]
+struct User {
+    auth: String,
+    email: String,
+    phone: String,
+}
+
+fn user(name: &str, sid: Option<&str>) -> User {
+    let email = format!("{name}@example.com");
+    let phone = format!("+1555010{:04}", name.len() * 7 % 10_000);
+    let tok = primary_token(name, Some(&email), Some(&phone), sid);
+    User {
+        auth: format!("Bearer {tok}"),
+        email,
+        phone,
+    }
+}
+
+async fn post_json(gw: &TestGateway, path: &str, u: &User, body: &str) -> TestResponse {
+    request(
+        Method::POST,
+        &gw.url(path),
+        &[
+            ("authorization", &u.auth),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+async fn start_otp(gw: &TestGateway, u: &User, method: &str) -> TestResponse {
+    post_json(
+        gw,
+        "/.stepgate/api/otp",
+        u,
+        &format!(r#"{{"method":"{method}"}}"#),
+    )
+    .await
+}
+
+async fn verify(gw: &TestGateway, u: &User, cid: &str, code: &str) -> TestResponse {
+    post_json(
+        gw,
+        "/.stepgate/api/otp/verify",
+        u,
+        &serde_json::json!({"challenge_id": cid, "code": code}).to_string(),
+    )
+    .await
+}
+
+/// The `n`-th (0-based) code mailed to `to`.
+async fn mailed_code(smtp: &SmtpServer, to: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let msgs: Vec<String> = smtp
+            .received()
+            .into_iter()
+            .filter(|r| r.rcpt_tos.iter().any(|t| t.eq_ignore_ascii_case(to)))
+            .map(|r| r.data)
+            .collect();
+        if let Some(m) = msgs.get(n) {
+            return extract_code(m).expect("a code in the mail");
+        }
+        assert!(Instant::now() < deadline, "no mail #{n} for {to}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Start an email challenge and read its code from the mailbox.
+async fn email_challenge(env: &Env, gw: &TestGateway, u: &User, n: usize) -> (String, String) {
+    let res = start_otp(gw, u, "email").await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .expect("challenge_id")
+        .to_string();
+    (cid, mailed_code(&env.smtp, &u.email, n).await)
+}
+
+/// Full step-up by email; returns the second-factor token.
+async fn step_up(env: &Env, u: &User, n: usize) -> String {
+    let (cid, code) = email_challenge(env, &env.gw, u, n).await;
+    let res = verify(&env.gw, u, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    res.json()["token"].as_str().expect("token").to_string()
+}
+
+async fn protected(gw: &TestGateway, path: &str, u: &User, token: &str) -> TestResponse {
+    get(
+        &gw.url(path),
+        &[("authorization", &u.auth), ("x-second-factor-token", token)],
+    )
+    .await
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(false).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
+both_stores!(
+    email_flow_end_to_end,
+    sms_flow_end_to_end,
+    wrong_codes_count_down_then_the_challenge_dies,
+    lockout_spans_challenges_and_resend_does_not_reset_it,
+    cooldown_and_hourly_cap_answer_429_with_retry_after,
+    codes_expire_after_ttl,
+    parallel_verifies_give_exactly_one_token,
+    codes_and_tokens_are_bound_to_user_and_session,
+    freshness_one_time_and_logout,
+    malformed_requests_get_4xx,
+    delivery_failure_is_502_and_costs_nothing,
+);
+
+// The whole flow: masked methods, code by real SMTP, token, forwarded
+// request with the step-up headers and without the token.
+async fn email_flow_end_to_end(redis: bool) {
+    let env = Env::start(redis, OTP).await;
+    let u = user("alice", None);
+    let res = get(
+        &env.gw.url("/.stepgate/api/methods"),
+        &[("authorization", &u.auth)],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    let methods = res.json();
+    assert_eq!(methods["methods"][0]["id"], "email");
+    assert_eq!(methods["methods"][0]["target"], "a***@example.com");
+    assert_eq!(methods["methods"][1]["id"], "sms");
+    assert!(
+        !res.text().contains(&u.phone) && !res.text().contains(&u.email),
+        "full contact leaked"
+    );
+
+    let res = start_otp(&env.gw, &u, "email").await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    let body = res.json();
+    assert_eq!(body["expires_in"], 300);
+    assert_eq!(body["resend_after"], 30);
+    let cid = body["challenge_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mail = env
+        .smtp
+        .wait_for_message(&u.email, Duration::from_secs(10))
+        .await;
+    assert!(mail.contains("Subject: Your verification code"), "{mail}");
+    let code = extract_code(&mail).expect("code in mail");
+    assert_eq!(code.len(), 6);
+
+    let res = verify(&env.gw, &u, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(res.json()["expires_in"], 900);
+    let token = res.json()["token"].as_str().unwrap_or_default().to_string();
+    let cookie = res.header("set-cookie").unwrap_or_default().to_string();
+    assert!(
+        cookie.starts_with(&format!("stepgate_sf={token};")),
+        "{cookie}"
+    );
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+    }
+    assert!(!cookie.contains("Secure"), "Secure cookie on plain HTTP");
+
+    let res = get(
+        &env.gw.url("/admin/panel"),
+        &[
+            ("authorization", &u.auth),
+            ("x-second-factor-token", &token),
+            ("cookie", &format!("app=1; stepgate_sf={token}")),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(
+        res.upstream_header("x-stepgate-stepup").as_deref(),
+        Some("email")
+    );
+    assert_eq!(
+        res.upstream_header("x-stepgate-stepup-age").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        res.upstream_header("x-stepgate-user").as_deref(),
+        Some("alice")
+    );
+    assert_eq!(res.upstream_header("x-second-factor-token"), None);
+    assert_eq!(res.upstream_header("cookie").as_deref(), Some("app=1"));
+    assert!(!res.text().contains(&token), "token reached the upstream");
+
+    // The cookie alone works too (browsers).
+    let res = get(
+        &env.gw.url("/admin/panel"),
+        &[
+            ("authorization", &u.auth),
+            ("cookie", &format!("stepgate_sf={token}")),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+
+    // A used challenge is gone.
+    assert_eq!(
+        verify(&env.gw, &u, &cid, &code).await.status,
+        StatusCode::GONE
+    );
+    let m = get(&env.gw.admin_url("/metrics"), &[]).await.text();
+    for ev in [
+        "challenge_started",
+        "code_sent",
+        "verify_ok",
+        "token_issued",
+    ] {
+        assert!(
+            m.contains(&format!("stepgate_audit_events_total{{event=\"{ev}\"}} 1")),
+            "{ev}: {m}"
+        );
+    }
+}
+
+// SMS through the webhook provider: JSON {to,text} with the auth header.
+async fn sms_flow_end_to_end(redis: bool) {
+    let env = Env::start(redis, OTP).await;
+    let u = user("bob", None);
+    let res = start_otp(&env.gw, &u, "sms").await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let req = env.sms.wait_for_request(Duration::from_secs(10)).await;
+    assert_eq!(req.path, "/send");
+    assert_eq!(req.header("authorization"), Some("Bearer sms-test-token"));
+    let body = req.json();
+    assert_eq!(body["to"], u.phone.as_str());
+    let text = body["text"].as_str().unwrap_or_default();
+    let code: String = text.chars().filter(char::is_ascii_digit).take(6).collect();
+    let res = verify(&env.gw, &u, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    let token = res.json()["token"].as_str().unwrap_or_default().to_string();
+    // The keys rule accepts only sms; an sms factor passes it.
+    let res = request(
+        Method::POST,
+        &env.gw.url("/api/v2/keys"),
+        &[
+            ("authorization", &u.auth),
+            ("x-second-factor-token", &token),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(
+        res.upstream_header("x-stepgate-stepup").as_deref(),
+        Some("sms")
+    );
+}
+
+// Each wrong code costs one attempt; at zero the challenge is dead even
+// for the right code.
+async fn wrong_codes_count_down_then_the_challenge_dies(redis: bool) {
+    let env = Env::start(redis, OTP).await;
+    let u = user("carol", None);
+    let (cid, code) = email_challenge(&env, &env.gw, &u, 0).await;
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    for left in [2, 1] {
+        let res = verify(&env.gw, &u, &cid, wrong).await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            res.json(),
+            serde_json::json!({"error": "invalid_code", "attempts_left": left})
+        );
+    }
+    let res = verify(&env.gw, &u, &cid, wrong).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(res.json()["attempts_left"], 0);
+    assert_eq!(
+        verify(&env.gw, &u, &cid, &code).await.status,
+        StatusCode::GONE
+    );
+    assert_eq!(env.up.hits(), 0);
+}
+
+// max_failures wrong codes across challenges lock the user; asking for a
+// new code neither resets the count nor works while locked.
+async fn lockout_spans_challenges_and_resend_does_not_reset_it(redis: bool) {
+    let otp = OTP
+        .replace("resend_after: 30s", "resend_after: 0s")
+        .replace("max_failures: 6", "max_failures: 4");
+    let env = Env::start(redis, &otp).await;
+    let u = user("dave", None);
+    let mut n = 0;
+    let mut failures = 0;
+    let mut last = None;
+    while failures < 4 {
+        let (cid, code) = email_challenge(&env, &env.gw, &u, n).await;
+        n += 1;
+        let wrong = if code == "000000" { "111111" } else { "000000" };
+        for _ in 0..2 {
+            last = Some(verify(&env.gw, &u, &cid, wrong).await);
+            failures += 1;
+        }
+    }
+    let last = last.expect("at least one attempt");
+    assert_eq!(last.status, StatusCode::LOCKED, "{}", last.text());
+    let retry: u64 = last
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!((890..=900).contains(&retry), "retry-after {retry}");
+    let res = start_otp(&env.gw, &u, "email").await;
+    assert_eq!(res.status, StatusCode::LOCKED);
+    assert!(res.header("retry-after").is_some());
+    // Another user is unaffected.
+    assert_eq!(
+        start_otp(&env.gw, &user("erin", None), "email")
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+}
+
+// resend_after per user and channel, max_sends per hour over all channels.
+async fn cooldown_and_hourly_cap_answer_429_with_retry_after(redis: bool) {
+    let otp = OTP.replace("max_sends: 5", "max_sends: 3");
+    let env = Env::start(redis, &otp).await;
+    let u = user("frank", None);
+    assert_eq!(
+        start_otp(&env.gw, &u, "email").await.status,
+        StatusCode::ACCEPTED
+    );
+    let res = start_otp(&env.gw, &u, "email").await;
+    assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.json()["error"], "too_soon");
+    let retry: u64 = res
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!((1..=30).contains(&retry), "retry-after {retry}");
+    // The other channel has its own cooldown.
+    assert_eq!(
+        start_otp(&env.gw, &u, "sms").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    let otp = OTP
+        .replace("resend_after: 30s", "resend_after: 0s")
+        .replace("max_sends: 5", "max_sends: 2");
+    let env = Env::start(redis, &otp).await;
+    assert_eq!(
+        start_otp(&env.gw, &u, "email").await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        start_otp(&env.gw, &u, "sms").await.status,
+        StatusCode::ACCEPTED
+    );
+    let res = start_otp(&env.gw, &u, "email").await;
+    assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.json()["error"], "too_many_codes");
+    let retry: u64 = res
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!((3500..=3600).contains(&retry), "retry-after {retry}");
+}
+
+// A code is valid for ttl and no longer. (Waiting is the behaviour under
+// test here, not synchronisation.)
+async fn codes_expire_after_ttl(redis: bool) {
+    let otp = OTP.replace("ttl: 5m", "ttl: 1s");
+    let env = Env::start(redis, &otp).await;
+    let u = user("gina", None);
+    let (cid, code) = email_challenge(&env, &env.gw, &u, 0).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        verify(&env.gw, &u, &cid, &code).await.status,
+        StatusCode::GONE
+    );
+}
+
+// 50 concurrent verifies of one correct code: exactly one token.
+async fn parallel_verifies_give_exactly_one_token(redis: bool) {
+    let env = Env::start(redis, OTP).await;
+    let u = user("hank", None);
+    let (cid, code) = email_challenge(&env, &env.gw, &u, 0).await;
+    let url = env.gw.url("/.stepgate/api/otp/verify");
+    let body = serde_json::json!({"challenge_id": cid, "code": code}).to_string();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (url, body, auth) = (url.clone(), body.clone(), u.auth.clone());
+            tokio::spawn(async move {
+                request(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("authorization", &auth),
+                        ("content-type", "application/json"),
+                    ],
+                    Bytes::from(body),
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let s = t.await.expect("task");
+        assert!(
+            s == StatusCode::OK || s == StatusCode::GONE,
+            "unexpected {s}"
+        );
+        ok += usize::from(s == StatusCode::OK);
+    }
+    assert_eq!(ok, 1);
+}
+
+// A's code is useless to B; A's token is useless with B's primary token
+// and with A's other sign-in.
+async fn codes_and_tokens_are_bound_to_user_and_session(redis: bool) {
+    let env = Env::start(redis, OTP).await;
+    let a = user("ivan", Some("session-1"));
+    let b = user("judy", Some("session-9"));
+    let (cid, code) = email_challenge(&env, &env.gw, &a, 0).await;
+    assert_eq!(
+        verify(&env.gw, &b, &cid, &code).await.status,
+        StatusCode::GONE
+    );
+    // B's failed try did not burn A's challenge.
+    let res = verify(&env.gw, &a, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK);
+    let token = res.json()["token"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &a, &token).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &b, &token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let a_elsewhere = user("ivan", Some("session-2"));
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &a_elsewhere, &token)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Without a sid, the primary token itself is the session.
+    let c1 = user("kim", None);
+    let t = step_up(&env, &c1, 0).await;
+    let c2 = User {
+        auth: format!(
+            "Bearer {}",
+            primary_token("kim", Some("kim@example.com"), None, Some("other"))
+        ),
+        ..c1.clone()
+    };
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &c1, &t).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &c2, &t).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Forged tokens: another key, a primary token, alg none.
+    let other_key = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "kim", "exp": stepgate::token::unix_now() + 60}),
+        &jsonwebtoken::EncodingKey::from_secret(b"not-the-gateway-key-0123456789abcdef"),
+    )
+    .unwrap_or_default();
+    let primary = c1.auth.trim_start_matches("Bearer ").to_string();
+    for forged in [
+        other_key,
+        primary,
+        format!(
+            "{}.e30.",
+            "eyJhbGciOiJub25lIiwidHlwIjoic3RlcGdhdGUtc2Yrand0In0"
+        ),
+    ] {
+        assert_eq!(
+            protected(&env.gw, "/admin/x", &c1, &forged).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}
+
+// max_age is per rule; one_time rules spend the token; logout revokes it.
+async fn freshness_one_time_and_logout(redis: bool) {
+    let env = Env::start(redis, OTP).await;
+    let u = user("liam", None);
+    let token = step_up(&env, &u, 0).await;
+    // one_time: first use forwarded, second refused; other rules unaffected.
+    assert_eq!(
+        protected(&env.gw, "/billing/export", &u, &token)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let res = protected(&env.gw, "/billing/export", &u, &token).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(res.json()["error"], "insufficient_user_authentication");
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &token).await.status,
+        StatusCode::OK
+    );
+    // The keys rule accepts sms only: an email factor does not satisfy it.
+    let res = request(
+        Method::DELETE,
+        &env.gw.url("/api/v1/keys"),
+        &[
+            ("authorization", &u.auth),
+            ("x-second-factor-token", &token),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    // Logout revokes.
+    let res = request(
+        Method::POST,
+        &env.gw.url("/.stepgate/api/logout"),
+        &[
+            ("authorization", &u.auth),
+            ("x-second-factor-token", &token),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT);
+    assert!(res
+        .header("set-cookie")
+        .unwrap_or_default()
+        .contains("Max-Age=0"));
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(env.up.hits(), 2);
+}
+
+// Bad input gets a short JSON 4xx, never a 500 or a forwarded request.
+async fn malformed_requests_get_4xx(redis: bool) {
+    let env = Env::start(redis, OTP).await;
+    let u = user("mia", None);
+    let cases: &[(&str, &str, u16)] = &[
+        ("/.stepgate/api/otp", "{not json", 400),
+        ("/.stepgate/api/otp", "[]", 400),
+        ("/.stepgate/api/otp", r#"{"method":42}"#, 400),
+        ("/.stepgate/api/otp", r#"{"method":"pigeon"}"#, 422),
+        ("/.stepgate/api/otp", r#"{}"#, 400),
+        (
+            "/.stepgate/api/otp/verify",
+            r#"{"challenge_id":"x","code":"12345"}"#,
+            422,
+        ),
+        (
+            "/.stepgate/api/otp/verify",
+            r#"{"challenge_id":"x","code":"1234567"}"#,
+            422,
+        ),
+        (
+            "/.stepgate/api/otp/verify",
+            r#"{"challenge_id":"x","code":"١٢٣٤٥٦"}"#,
+            422,
+        ),
+        (
+            "/.stepgate/api/otp/verify",
+            r#"{"challenge_id":"x","code":123456}"#,
+            400,
+        ),
+        (
+            "/.stepgate/api/otp/verify",
+            r#"{"challenge_id":7,"code":"123456"}"#,
+            400,
+        ),
+        (
+            "/.stepgate/api/otp/verify",
+            r#"{"challenge_id":"nope","code":"123456"}"#,
+            410,
+        ),
+    ];
+    for (path, body, want) in cases {
+        let res = post_json(&env.gw, path, &u, body).await;
+        assert_eq!(res.status.as_u16(), *want, "{path} {body}: {}", res.text());
+        assert!(res.json()["error"].is_string(), "{body}");
+    }
+    let res = request(
+        Method::POST,
+        &env.gw.url("/.stepgate/api/otp"),
+        &[("authorization", &u.auth), ("content-type", "text/plain")],
+        Bytes::from(r#"{"method":"email"}"#),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = format!(r#"{{"method":"{}"}}"#, "e".repeat(20_000));
+    assert_eq!(
+        post_json(&env.gw, "/.stepgate/api/otp", &u, &big)
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    let anon = User {
+        auth: String::new(),
+        ..u.clone()
+    };
+    assert_eq!(
+        post_json(
+            &env.gw,
+            "/.stepgate/api/otp",
+            &anon,
+            r#"{"method":"email"}"#
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(
+            &env.gw.url("/.stepgate/api/otp"),
+            &[("authorization", &u.auth)]
+        )
+        .await
+        .status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        get(
+            &env.gw.url("/.stepgate/nope"),
+            &[("authorization", &u.auth)]
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    // A user without a phone has no sms method.
+    let no_phone = User {
+        auth: format!(
+            "Bearer {}",
+            primary_token("noah", Some("noah@example.com"), None, None)
+        ),
+        ..u.clone()
+    };
+    assert_eq!(
+        start_otp(&env.gw, &no_phone, "sms").await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(env.up.hits(), 0);
+    assert!(env.smtp.received().is_empty());
+}
+
+// SMTP down: 502, and the failed send costs no cooldown.
+async fn delivery_failure_is_502_and_costs_nothing(redis: bool) {
+    let mut env = Env::start(redis, OTP).await;
+    env.smtp.stop();
+    let u = user("olga", None);
+    for _ in 0..2 {
+        let res = start_otp(&env.gw, &u, "email").await;
+        assert_eq!(res.status, StatusCode::BAD_GATEWAY, "{}", res.text());
+        assert_eq!(res.json()["error"], "delivery_failed");
+    }
+    // SMS provider answering 500: 502 as well.
+    let failing = HttpSink::start(500).await;
+    let yaml = config_yaml(
+        &env.up.url(),
+        &stepup_yaml(free_port(), &failing.url(), OTP),
+        "",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    assert_eq!(
+        start_otp(&gw, &u, "sms").await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    let _ = &env.sms;
+}
+
+// Two instances share Redis: start on one, verify on the other; a spend on
+// one is seen by the other; a restart between send and verify loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_redis_state() {
+    let env = Env::start(true, OTP).await;
+    let other = env.second_instance().await;
+    let u = user("pia", None);
+    let (cid, code) = email_challenge(&env, &env.gw, &u, 0).await;
+    let res = verify(&other, &u, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK);
+    let token = res.json()["token"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        protected(&env.gw, "/billing/export", &u, &token)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        protected(&other, "/billing/export", &u, &token)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Cooldown set through one instance holds on the other.
+    assert_eq!(
+        start_otp(&other, &u, "sms").await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        start_otp(&env.gw, &u, "sms").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Restart: send through an instance, stop it, verify on a fresh one.
+    let v = user("quinn", None);
+    let mut first = env.second_instance().await;
+    let res = start_otp(&first, &v, "email").await;
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let code = mailed_code(&env.smtp, &v.email, 0).await;
+    first.stop().await;
+    let fresh = env.second_instance().await;
+    assert_eq!(verify(&fresh, &v, &cid, &code).await.status, StatusCode::OK);
+}
+
+// Redis dies: step-up answers 503, protected routes are never forwarded,
+// public traffic flows, /readyz says not ready; all recover by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_and_recovers() {
+    let mut env = Env::start(true, OTP).await;
+    let u = user("rita", None);
+    let token = step_up(&env, &u, 0).await;
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &token).await.status,
+        StatusCode::OK
+    );
+    let hits = env.up.hits();
+    let redis = env.redis.as_mut().expect("redis");
+    redis.stop();
+    let res = protected(&env.gw, "/admin/x", &u, &token).await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.json()["error"], "stepup_unavailable");
+    assert_eq!(env.up.hits(), hits, "forwarded while the store was down");
+    let res = start_otp(&env.gw, &u, "email").await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        get(&env.gw.url("/assets/a.css"), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&env.gw.admin_url("/readyz"), &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        get(&env.gw.admin_url("/healthz"), &[]).await.status,
+        StatusCode::OK
+    );
+
+    env.redis.as_mut().expect("redis").start_again();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(&env.gw.admin_url("/readyz"), &[]).await.status != StatusCode::OK {
+        assert!(Instant::now() < deadline, "never became ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &token).await.status,
+        StatusCode::OK
+    );
+}
