@@ -21,8 +21,6 @@ fi
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-targets --no-fail-fast "$@"
-  # nextest does not run doctests.
-  cargo test --doc
 else
   cargo test --all-targets --no-fail-fast "$@"
 fi
