@@ -267,7 +267,11 @@ impl Config {
         let raw = match parsed {
             Ok(raw) => raw,
             Err(e) => {
-                env_problems.push(problem_from_serde(&e));
+                let mut p = problem_from_serde(&e);
+                if let Some((line, col)) = PositionIndex::build(text).duplicate(&p.message) {
+                    (p.line, p.col) = (line, col);
+                }
+                env_problems.push(p);
                 env_problems.sort_by_key(|p| (p.line, p.col));
                 return Err(fail(env_problems));
             }
@@ -293,17 +297,22 @@ impl Config {
         Err(fail(problems))
     }
 
-    /// The built-in configuration of `stepgate demo`.
-    pub fn demo(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr) -> Config {
+    /// The built-in configuration of `stepgate demo`: the gateway on
+    /// `listen` in front of the sample app on `upstream`, with these secrets.
+    pub fn demo(
+        listen: SocketAddr,
+        admin: SocketAddr,
+        upstream: SocketAddr,
+        jwt_secret: &str,
+        stepup_key: &str,
+    ) -> Result<Config, ConfigError> {
         let text = include_str!("demo.yaml")
             .replace("{listen}", &listen.to_string())
             .replace("{admin}", &admin.to_string())
-            .replace("{upstream}", &upstream.to_string());
-        // The demo config is fixed text: a problem in it is a bug caught by tests.
-        match Config::from_yaml(Path::new("<demo>"), &text, &HashMap::new()) {
-            Ok(c) => c,
-            Err(e) => panic!("built-in demo config is invalid: {e}"),
-        }
+            .replace("{upstream}", &upstream.to_string())
+            .replace("{jwt_secret}", jwt_secret)
+            .replace("{stepup_key}", stepup_key);
+        Config::from_yaml(Path::new("<demo>"), &text, &HashMap::new())
     }
 }
 
@@ -338,9 +347,15 @@ fn problem_from_serde(e: &serde_yaml::Error) -> Problem {
         .map(|l| (l.line(), l.column()))
         .unwrap_or((0, 0));
     let mut message = e.to_string();
-    // serde_yaml appends " at line L column C"; we print the location first.
-    if let Some(i) = message.find(" at line ") {
-        message.truncate(i);
+    // serde_yaml inserts " at line L column C"; we print the location first.
+    // Keep what follows it, e.g. ", while parsing a flow mapping at line 6
+    // column 13": where an unclosed `{` or quote began.
+    if let Some(l) = e.location() {
+        message = message.replacen(
+            &format!(" at line {} column {}", l.line(), l.column()),
+            "",
+            1,
+        );
     }
     Problem {
         line,
@@ -385,6 +400,8 @@ pub fn fmt_duration(d: Duration) -> String {
 /// Where each key path starts in the file.
 struct PositionIndex {
     map: HashMap<String, (usize, usize)>,
+    /// Where a key path occurs a second time (a duplicated key).
+    dups: HashMap<String, (usize, usize)>,
 }
 
 impl PositionIndex {
@@ -399,6 +416,7 @@ impl PositionIndex {
         struct Recv {
             stack: Vec<Frame>,
             map: HashMap<String, (usize, usize)>,
+            dups: HashMap<String, (usize, usize)>,
         }
         impl Recv {
             /// Path of the node that starts now, and advance the parent.
@@ -432,7 +450,11 @@ impl PositionIndex {
                             if key.is_none() {
                                 // A mapping key: remember where the key sits.
                                 let p = join(path, &value);
-                                self.map.entry(p).or_insert(pos);
+                                if self.map.contains_key(&p) {
+                                    self.dups.entry(p).or_insert(pos);
+                                } else {
+                                    self.map.insert(p, pos);
+                                }
                                 *key = Some(value);
                                 return;
                             }
@@ -473,11 +495,31 @@ impl PositionIndex {
         let mut recv = Recv {
             stack: Vec::new(),
             map: HashMap::new(),
+            dups: HashMap::new(),
         };
         // serde_yaml already accepted the text; a failure here only costs
         // positions, never correctness.
         let _ = Parser::new_from_str(text).load(&mut recv, false);
-        PositionIndex { map: recv.map }
+        PositionIndex {
+            map: recv.map,
+            dups: recv.dups,
+        }
+    }
+
+    /// Where the key named by serde's "[PATH: ]duplicate field `NAME`"
+    /// occurs again (serde_yaml points at the start of the enclosing map).
+    fn duplicate(&self, message: &str) -> Option<(usize, usize)> {
+        let (path, rest) = match message.split_once(": duplicate field `") {
+            Some(split) => split,
+            None => ("", message.strip_prefix("duplicate field `")?),
+        };
+        let name = rest.split('`').next()?;
+        let key = if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}.{name}")
+        };
+        self.dups.get(&key).copied()
     }
 
     /// Position of the value at `path`, else of its key, else of the nearest
@@ -830,7 +872,7 @@ impl Validator<'_> {
             line,
             col,
             key: key.to_string(),
-            message: message.into(),
+            message: one_line(&message.into()),
         });
     }
 
@@ -1208,16 +1250,15 @@ impl Validator<'_> {
             |a: &Algorithm| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
         let hs: Vec<Algorithm> = algorithms.iter().copied().filter(is_hs).collect();
         let asym: Vec<Algorithm> = algorithms.iter().copied().filter(|a| !is_hs(a)).collect();
+        // Count what is written, not what loaded: an unreadable secret_file
+        // is reported as that, not also as "no key given".
+        let has_secret = j.secret.is_some() || j.secret_file.is_some();
         let secret = self.secret("identity.jwt.secret", j.secret, j.secret_file);
         let mut keys = HashMap::new();
-        let sources = [
-            secret.is_some(),
-            j.public_key.is_some(),
-            j.jwks_file.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
+        let sources = [has_secret, j.public_key.is_some(), j.jwks_file.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if sources != 1 {
             self.problem(
                 "identity.jwt",
@@ -1831,6 +1872,22 @@ impl Validator<'_> {
             self.problem("log.level", format!("invalid level {level:?}"));
         }
         Log { format, level }
+    }
+}
+
+/// A problem is one `FILE:LINE:COL: ...` line. A multi-line message (the
+/// regex crate's: a header, the pattern, a caret, `error: ...`) keeps its
+/// first and last lines.
+fn one_line(msg: &str) -> String {
+    let lines: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [first, .., last] => format!("{first} {}", last.trim_start_matches("error: ")),
     }
 }
 

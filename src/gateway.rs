@@ -63,6 +63,11 @@ impl Gateway {
         self.state.load().config.clone()
     }
 
+    /// The console notifier of the current policy, in dev/demo mode.
+    pub fn console(&self) -> Option<Arc<crate::delivery::ConsoleNotifier>> {
+        self.state.load().stepup.console().cloned()
+    }
+
     pub fn store(&self) -> &Arc<dyn ChallengeStore> {
         &self.store
     }
@@ -244,7 +249,7 @@ impl Gateway {
                         StepupCheck::Fresh(sf) => factor = Some(sf),
                         StepupCheck::Needed => {
                             log.outcome = Outcome::Challenged;
-                            return state.stepup.challenge(&req, need);
+                            return state.stepup.challenge(req, id, need).await;
                         }
                         StepupCheck::Unavailable => {
                             log.outcome = Outcome::StoreUnavailable;

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod gateway;
 pub mod identity;
 pub mod otp;

@@ -40,6 +40,12 @@ enum Command {
         /// A path (/admin/x) or a full URL (https://app.example.com/admin/x).
         url: String,
     },
+    /// The whole flow on one machine: sample app, in-memory store, codes on the console.
+    Demo {
+        /// Address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
     /// Mint a primary access token the config accepts (for trials and tests).
     Token {
         #[arg(long)]
@@ -93,6 +99,29 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("stepgate: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo { listen } => {
+            stepgate::telemetry::init_logging(&stepgate::config::Log {
+                format: stepgate::config::LogFormat::Text,
+                level: "warn,stepgate::console=warn".into(),
+            });
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(stepgate::demo::run(listen, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("stepgate demo: {e}");
                     ExitCode::from(1)
                 }
             }

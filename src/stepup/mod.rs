@@ -4,6 +4,8 @@
 mod api;
 mod page;
 
+pub use self::page::{parse_form as parse_form_pairs, safe_rd};
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,48 @@ pub enum StepupCheck {
     Needed,
     /// The store could not be asked: fail closed.
     Unavailable,
+}
+
+/// A form post kept across the challenge.
+pub(crate) struct Stashed {
+    /// Path and query the form was posted to.
+    pub target: String,
+    /// The `application/x-www-form-urlencoded` body.
+    pub body: String,
+}
+
+/// A browser submitting a plain HTML form.
+fn is_browser_form_post<B>(req: &Request<B>) -> bool {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+    };
+    req.method() == http::Method::POST
+        && header(http::header::ACCEPT).contains("text/html")
+        && header(http::header::CONTENT_TYPE)
+            .split(';')
+            .next()
+            .is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+}
+
+async fn read_limited(mut body: Body, max: usize) -> Result<bytes::Bytes, ()> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ())?;
+        if let Some(d) = frame.data_ref() {
+            if buf.len() + d.len() > max {
+                return Err(());
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// Step-up state shared by all requests of one policy generation.
@@ -166,15 +210,23 @@ impl Stepup {
     }
 
     /// The answer to a request that needs a (fresh) second factor.
-    pub fn challenge<B>(&self, req: &Request<B>, need: &Need) -> Response<Body> {
+    pub async fn challenge(
+        &self,
+        req: Request<Body>,
+        id: &Identity,
+        need: &Need,
+    ) -> Response<Body> {
         let max_age = need.max_age.as_secs();
-        if is_browser(req) {
+        if is_browser(&req) {
             let rd = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
             return redirect(&format!(
                 "{}/challenge?rd={}",
                 self.cfg.prefix,
                 url_encode(rd)
             ));
+        }
+        if is_browser_form_post(&req) {
+            return self.stash_and_challenge(req, id).await;
         }
         let mut res = json(
             StatusCode::UNAUTHORIZED,
@@ -191,6 +243,71 @@ impl Stepup {
             res.headers_mut().insert(WWW_AUTHENTICATE, v);
         }
         res
+    }
+
+    /// A browser posted a form to a protected route without a fresh
+    /// factor: keep what the user typed (bounded, bound to the session, for
+    /// the code's lifetime plus a margin) and send them to the challenge
+    /// page, which replays the post after verification.
+    async fn stash_and_challenge(&self, req: Request<Body>, id: &Identity) -> Response<Body> {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        let path = req.uri().path().to_string();
+        let mut location = format!("{}/challenge?rd={}", self.cfg.prefix, url_encode(&path));
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        // Too big to keep: the challenge still works, the form is not replayed.
+        if declared.is_some_and(|n| n <= self.cfg.stash_max_bytes) {
+            if let Ok(body) = read_limited(req.into_body(), self.cfg.stash_max_bytes).await {
+                let blob = serde_json::json!({
+                    "s": session_hash(&id.session),
+                    "t": target,
+                    "b": String::from_utf8_lossy(&body),
+                });
+                let stash = crate::otp::random_id();
+                let ttl = self.cfg.otp.ttl + Duration::from_secs(300);
+                match self
+                    .store
+                    .put_blob(&format!("stash:{stash}"), blob.to_string().as_bytes(), ttl)
+                    .await
+                {
+                    Ok(()) => {
+                        location.push_str("&stash=");
+                        location.push_str(&stash);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot stash form post; it will not be replayed")
+                    }
+                }
+            }
+        }
+        let mut res = redirect(&location);
+        *res.status_mut() = StatusCode::SEE_OTHER;
+        res
+    }
+
+    /// Take a stashed form post of this session.
+    async fn take_stash(&self, stash: &str, id: &Identity) -> Option<Stashed> {
+        let bytes = self
+            .store
+            .take_blob(&format!("stash:{stash}"))
+            .await
+            .ok()
+            .flatten()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        if v["s"].as_str() != Some(session_hash(&id.session).as_str()) {
+            return None;
+        }
+        Some(Stashed {
+            target: v["t"].as_str()?.to_string(),
+            body: v["b"].as_str()?.to_string(),
+        })
     }
 
     /// Serve `{prefix}/...`.

@@ -1,6 +1,9 @@
-//! The challenge page (`{prefix}/challenge`): plain HTML forms that work
-//! without JavaScript, protected by a CSRF token bound to the session.
+//! The challenge page (`{prefix}/challenge`): server-rendered HTML from
+//! templates compiled into the binary (`templates/`), plain form posts that
+//! work without JavaScript, a CSRF token bound to the session on every post,
+//! and the replay of a form post that was interrupted by the challenge.
 
+use askama::Template;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
 
@@ -23,6 +26,7 @@ pub(super) async fn serve(
     match (sub, req.method()) {
         ("/challenge", &Method::GET) | ("/challenge", &Method::HEAD) => {
             let rd = safe_rd(get(&query, "rd"));
+            let stash = stash_id(get(&query, "stash"));
             let cid = get(&query, "cid").filter(|c| !c.is_empty() && c.len() <= 64);
             let channel = get(&query, "ch").and_then(Channel::parse);
             let view = match (cid, channel) {
@@ -33,7 +37,7 @@ pub(super) async fn serve(
                 },
                 _ => View::Choose { error: None },
             };
-            page(s, id, &rd, view, StatusCode::OK)
+            page(s, id, &Ctx { rd: &rd, stash }, view, StatusCode::OK)
         }
         ("/challenge/send", &Method::POST) | ("/challenge/verify", &Method::POST) => {
             let body = match api::read_body(req.into_body()).await {
@@ -42,23 +46,23 @@ pub(super) async fn serve(
             };
             let form = parse_form(&String::from_utf8_lossy(&body));
             let rd = safe_rd(get(&form, "rd"));
+            let ctx = Ctx {
+                rd: &rd,
+                stash: stash_id(get(&form, "stash")),
+            };
+            // Constant-time: the token is a MAC.
             let csrf_ok = get(&form, "csrf")
                 .is_some_and(|t| otp::ct_eq(t.as_bytes(), csrf_token(s, id).as_bytes()));
             if !csrf_ok {
-                return page(
-                    s,
-                    id,
-                    &rd,
-                    View::Choose {
-                        error: Some("Your session on this page expired. Please try again.".into()),
-                    },
-                    StatusCode::FORBIDDEN,
-                );
+                let view = View::Choose {
+                    error: Some("Your session on this page expired. Please try again.".into()),
+                };
+                return page(s, id, &ctx, view, StatusCode::FORBIDDEN);
             }
             if sub == "/challenge/send" {
-                send(s, id, &form, &rd, conn).await
+                send(s, id, &form, &ctx, conn).await
             } else {
-                verify(s, id, &form, &rd, conn).await
+                verify(s, id, &form, &ctx, conn).await
             }
         }
         _ => api::ApiError::MethodNotAllowed.response(),
@@ -69,39 +73,36 @@ async fn send(
     s: &Stepup,
     id: &Identity,
     form: &[(String, String)],
-    rd: &str,
+    ctx: &Ctx<'_>,
     conn: ClientConn,
 ) -> Response<Body> {
     let Some(channel) = get(form, "channel").and_then(Channel::parse) else {
-        return page(
-            s,
-            id,
-            rd,
-            View::Choose {
-                error: Some("Choose where to send the code.".into()),
-            },
-            StatusCode::BAD_REQUEST,
-        );
+        let view = View::Choose {
+            error: Some("Choose where to send the code.".into()),
+        };
+        return page(s, id, ctx, view, StatusCode::BAD_REQUEST);
     };
     match api::start(s, id, channel, conn).await {
-        Ok(st) => see_other(&format!(
-            "{}/challenge?rd={}&cid={}&ch={}",
-            s.cfg.prefix,
-            url_encode(rd),
-            url_encode(&st.challenge_id),
-            channel.as_str()
-        )),
+        Ok(st) => {
+            let mut location = format!(
+                "{}/challenge?rd={}&cid={}&ch={}",
+                s.cfg.prefix,
+                url_encode(ctx.rd),
+                url_encode(&st.challenge_id),
+                channel.as_str()
+            );
+            if let Some(stash) = ctx.stash {
+                location.push_str("&stash=");
+                location.push_str(stash);
+            }
+            see_other(&location)
+        }
         Err(e) => {
             let status = e.response().status();
-            page(
-                s,
-                id,
-                rd,
-                View::Choose {
-                    error: Some(message(&e)),
-                },
-                status,
-            )
+            let view = View::Choose {
+                error: Some(message(&e)),
+            };
+            page(s, id, ctx, view, status)
         }
     }
 }
@@ -110,7 +111,7 @@ async fn verify(
     s: &Stepup,
     id: &Identity,
     form: &[(String, String)],
-    rd: &str,
+    ctx: &Ctx<'_>,
     conn: ClientConn,
 ) -> Response<Body> {
     let cid = get(form, "cid").unwrap_or("").to_string();
@@ -124,7 +125,14 @@ async fn verify(
         .collect();
     match api::verify(s, id, &cid, &code, conn).await {
         Ok(issued) => {
-            let mut res = see_other(rd);
+            let replay = match ctx.stash {
+                Some(stash) => s.take_stash(stash, id).await,
+                None => None,
+            };
+            let mut res = match replay {
+                Some(stashed) => continue_page(s, &stashed),
+                None => see_other(ctx.rd),
+            };
             if let Ok(v) = HeaderValue::from_str(&issued.set_cookie) {
                 res.headers_mut().insert(SET_COOKIE, v);
             }
@@ -142,7 +150,7 @@ async fn verify(
                     error: Some(message(&e)),
                 },
             };
-            page(s, id, rd, view, status)
+            page(s, id, ctx, view, status)
         }
     }
 }
@@ -194,6 +202,12 @@ pub fn safe_rd(rd: Option<&str>) -> String {
     }
 }
 
+/// What every form on the page carries along.
+pub(super) struct Ctx<'a> {
+    rd: &'a str,
+    stash: Option<&'a str>,
+}
+
 enum View {
     Choose {
         error: Option<String>,
@@ -205,102 +219,120 @@ enum View {
     },
 }
 
-fn page(s: &Stepup, id: &Identity, rd: &str, view: View, status: StatusCode) -> Response<Body> {
-    let b = &s.cfg.branding;
-    let prefix = &s.cfg.prefix;
-    let csrf = csrf_token(s, id);
-    let product = esc(&b.product);
-    let mut main = String::new();
-    match view {
-        View::Choose { error } => {
-            let methods = s.methods(id);
-            if let Some(e) = &error {
-                main.push_str(&format!(
-                    r#"<p class="err" role="alert" id="err">{}</p>"#,
-                    esc(e)
-                ));
-            }
-            if methods.is_empty() {
-                main.push_str("<p>No way to send you a code is set up for your account. Contact your administrator.</p>");
-            } else {
-                main.push_str(&format!(
-                    r#"<form method="post" action="{prefix}/challenge/send"><fieldset><legend>Where should we send a code?</legend>"#
-                ));
-                for (i, (c, target)) in methods.iter().enumerate() {
-                    let masked = match c {
-                        Channel::Email => mask_email(target),
-                        Channel::Sms => mask_phone(target),
-                    };
-                    let label = match c {
-                        Channel::Email => "Email",
-                        Channel::Sms => "Text message",
-                    };
-                    main.push_str(&format!(
-                        r#"<label><input type="radio" name="channel" value="{v}"{checked}> {label} to <b>{t}</b></label>"#,
-                        v = c.as_str(),
-                        checked = if i == 0 { " checked" } else { "" },
-                        t = esc(&masked)
-                    ));
-                }
-                main.push_str(&format!(
-                    r#"</fieldset><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="rd" value="{rd}"><button type="submit" id="send">Send code</button></form>"#,
-                    rd = esc(rd)
-                ));
-            }
-        }
+struct MethodView {
+    id: &'static str,
+    label: &'static str,
+    target: String,
+}
+
+#[derive(Template)]
+#[template(path = "challenge.html")]
+struct ChallengePage<'a> {
+    brand: &'a crate::config::Branding,
+    prefix: &'a str,
+    csrf: String,
+    nonce: String,
+    rd: &'a str,
+    stash: Option<&'a str>,
+    error: Option<String>,
+    methods: Vec<MethodView>,
+    cid: Option<String>,
+    channel: &'static str,
+    via: &'static str,
+    code_length: u32,
+    ttl_minutes: u64,
+    resend_after: u64,
+}
+
+#[derive(Template)]
+#[template(path = "continue.html")]
+struct ContinuePage<'a> {
+    brand: &'a crate::config::Branding,
+    nonce: String,
+    action: &'a str,
+    enctype: Option<&'a str>,
+    fields: Vec<(String, String)>,
+}
+
+fn page(
+    s: &Stepup,
+    id: &Identity,
+    ctx: &Ctx<'_>,
+    view: View,
+    status: StatusCode,
+) -> Response<Body> {
+    let methods = s
+        .methods(id)
+        .into_iter()
+        .map(|(c, target)| MethodView {
+            id: c.as_str(),
+            label: match c {
+                Channel::Email => "Email",
+                Channel::Sms => "Text message",
+            },
+            target: match c {
+                Channel::Email => mask_email(target),
+                Channel::Sms => mask_phone(target),
+            },
+        })
+        .collect();
+    let (cid, channel, error) = match view {
+        View::Choose { error } => (None, Channel::Email, error),
         View::Code {
             cid,
             channel,
             error,
-        } => {
-            let described = if error.is_some() {
-                r#" aria-describedby="err" aria-invalid="true""#
-            } else {
-                ""
-            };
-            main.push_str(&format!(
-                r#"<form method="post" action="{prefix}/challenge/verify"><p>We sent a code by {via}. It expires in {mins} minutes.</p>"#,
-                via = if channel == Channel::Email { "email" } else { "text message" },
-                mins = s.cfg.otp.ttl.as_secs().div_ceil(60)
-            ));
-            if let Some(e) = &error {
-                main.push_str(&format!(
-                    r#"<p class="err" role="alert" id="err">{}</p>"#,
-                    esc(e)
-                ));
-            }
-            main.push_str(&format!(
-                r#"<label for="code">Verification code</label><input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9]*" maxlength="{len}" required autofocus{described}><input type="hidden" name="cid" value="{cid}"><input type="hidden" name="ch" value="{ch}"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="rd" value="{rd}"><button type="submit" id="verify">Verify</button></form>"#,
-                len = s.cfg.otp.length,
-                cid = esc(&cid),
-                ch = channel.as_str(),
-                rd = esc(rd)
-            ));
-            main.push_str(&format!(
-                r#"<form method="post" action="{prefix}/challenge/send"><input type="hidden" name="channel" value="{ch}"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="rd" value="{rd}"><button type="submit" class="link" id="resend">Send a new code</button></form>"#,
-                ch = channel.as_str(),
-                rd = esc(rd)
-            ));
+        } => (Some(cid), channel, error),
+    };
+    let nonce = otp::random_id();
+    let tpl = ChallengePage {
+        brand: &s.cfg.branding,
+        prefix: &s.cfg.prefix,
+        csrf: csrf_token(s, id),
+        nonce: nonce.clone(),
+        rd: ctx.rd,
+        stash: ctx.stash,
+        error,
+        methods,
+        cid,
+        channel: channel.as_str(),
+        via: match channel {
+            Channel::Email => "by email",
+            Channel::Sms => "by text message",
+        },
+        code_length: s.cfg.otp.length,
+        ttl_minutes: s.cfg.otp.ttl.as_secs().div_ceil(60),
+        resend_after: s.cfg.otp.resend_after.as_secs(),
+    };
+    html(tpl.render(), status, &nonce)
+}
+
+/// The page that replays a stashed form post after verification.
+fn continue_page(s: &Stepup, stashed: &super::Stashed) -> Response<Body> {
+    let nonce = otp::random_id();
+    let tpl = ContinuePage {
+        brand: &s.cfg.branding,
+        nonce: nonce.clone(),
+        action: &stashed.target,
+        enctype: None,
+        fields: parse_form(&stashed.body),
+    };
+    html(tpl.render(), StatusCode::OK, &nonce)
+}
+
+fn html(rendered: askama::Result<String>, status: StatusCode, nonce: &str) -> Response<Body> {
+    let (body, status) = match rendered {
+        Ok(b) => (b, status),
+        Err(e) => {
+            tracing::error!(error = %e, "template rendering failed");
+            (
+                "<!doctype html><title>Error</title><p>Something went wrong. Please try again.</p>"
+                    .to_string(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            )
         }
-    }
-    let logo = b
-        .logo_url
-        .as_deref()
-        .map(|u| format!(r#"<img src="{}" alt="" height="32">"#, esc(u)))
-        .unwrap_or_default();
-    let html = format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><title>Verify it's you · {product}</title><style>
-body{{font:16px/1.5 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d1f23}}
-main{{max-width:26rem;margin:8vh auto;background:#fff;padding:1.5rem;border-radius:.75rem;box-shadow:0 1px 4px #0002}}
-h1{{font-size:1.3rem;margin:.5rem 0 1rem}}fieldset{{border:0;padding:0;margin:0 0 1rem}}legend{{margin-bottom:.5rem}}
-label{{display:block;margin:.4rem 0}}input[name=code]{{font-size:1.5rem;letter-spacing:.3em;width:100%;box-sizing:border-box;padding:.4rem}}
-button{{background:{accent};color:#fff;border:0;border-radius:.4rem;padding:.6rem 1.2rem;font-size:1rem;margin-top:.8rem;cursor:pointer}}
-button.link{{background:none;color:{accent};padding:0;text-decoration:underline}}
-.err{{color:#a40000;background:#fdecec;padding:.5rem;border-radius:.4rem}}:focus-visible{{outline:3px solid {accent};outline-offset:2px}}
-</style></head><body><main>{logo}<h1>Verify it's you</h1><p>{product} needs a fresh confirmation before you continue.</p>{main}</main></body></html>"#,
-        accent = b.accent,
-    );
-    let mut res = Response::new(crate::proxy::full(html));
+    };
+    let mut res = Response::new(crate::proxy::full(body));
     *res.status_mut() = status;
     let h = res.headers_mut();
     h.insert(
@@ -308,10 +340,12 @@ button.link{{background:none;color:{accent};padding:0;text-decoration:underline}
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    let csp = format!(
+        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src https: data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     );
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        h.insert("content-security-policy", v);
+    }
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     h.insert(
@@ -319,6 +353,15 @@ button.link{{background:none;color:{accent};padding:0;text-decoration:underline}
         HeaderValue::from_static("nosniff"),
     );
     res
+}
+
+/// A stash id from a form or query, if it has the shape of one.
+fn stash_id(v: Option<&str>) -> Option<&str> {
+    v.filter(|s| {
+        s.len() == 22
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 fn see_other(location: &str) -> Response<Body> {
@@ -332,22 +375,6 @@ fn see_other(location: &str) -> Response<Body> {
     res
 }
 
-/// HTML-escape text and attribute values.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     pairs
         .iter()
@@ -356,7 +383,7 @@ fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 /// Parse `application/x-www-form-urlencoded` (also query strings).
-fn parse_form(s: &str) -> Vec<(String, String)> {
+pub fn parse_form(s: &str) -> Vec<(String, String)> {
     s.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {

@@ -3,6 +3,8 @@
 //! OS and stopped when dropped.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod flow;
 pub mod gateway;
 pub mod http_sink;
 pub mod redis;
