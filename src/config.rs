@@ -449,6 +449,11 @@ impl PositionIndex {
                         if let Some(Frame::Map { path, key }) = self.stack.last_mut() {
                             if key.is_none() {
                                 // A mapping key: remember where the key sits.
+                                // A block mapping's start mark is its first
+                                // key's `:`; the map starts at the key.
+                                if let Some(start) = self.map.get_mut(path.as_str()) {
+                                    *start = (*start).min(pos);
+                                }
                                 let p = join(path, &value);
                                 if self.map.contains_key(&p) {
                                     self.dups.entry(p).or_insert(pos);

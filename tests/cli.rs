@@ -711,6 +711,22 @@ fn bad_default() {
 }
 
 #[test]
+// A problem with a route as a whole points at the route's first key (a
+// block mapping's own mark is the `:` after that key).
+fn route_level_problem_at_the_route() {
+    let y = base_with(
+        "    path: /admin/**\n",
+        "    path: /admin/**\n    path_regex: '^/admin$'\n",
+    );
+    invalid(&y)
+        .has(
+            at(&y, "name: admin"),
+            "routes[1]: give either path or path_regex, not both",
+        )
+        .count(1);
+}
+
+#[test]
 // Route names label metrics and logs: two routes cannot share one.
 fn duplicate_route_name() {
     let y = base_with("- name: admin", "- name: static");
@@ -747,6 +763,11 @@ fn upstream_url_missing_or_invalid() {
     let y = base_with("  url: http://127.0.0.1:3000\n", "  timeout: 5s\n");
     invalid(&y)
         .has(at(&y, "upstream:"), "upstream.url: is required")
+        .count(1);
+    // Without the section, at the start of the file's first key.
+    let y = base_with("upstream:\n  url: http://127.0.0.1:3000\n", "");
+    invalid(&y)
+        .has((1, 1), "upstream.url: is required")
         .count(1);
     for bad in ["127.0.0.1:3000", "ftp://files.test", "http://"] {
         let y = base_with("http://127.0.0.1:3000", bad);

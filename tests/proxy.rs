@@ -499,13 +499,13 @@ fn rss() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-// Bodies stream both ways: 512 MiB up and down move through the gateway
+// Bodies stream both ways: 1 GiB up and 1 GiB down move through the gateway
 // without the process growing by anything near that.
 async fn large_bodies_stream_with_bounded_memory() {
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::Frame;
     let (_up, gw) = setup().await;
-    const TOTAL: u64 = 512 * 1024 * 1024;
+    const TOTAL: u64 = 1024 * 1024 * 1024;
     let base = rss();
     // Upload: a generated stream, never in memory whole.
     let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
@@ -699,4 +699,118 @@ async fn sigterm_drains_in_flight_requests() {
         .expect("join")
         .expect("wait");
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+// An https upstream is verified against the configured CA (and refused
+// without it): the gateway never talks TLS to an unknown server.
+async fn https_upstream_with_configured_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (crt, key, ca) = make_cert(dir.path());
+    let up = Upstream::start_tls(&crt, &key).await;
+    let url = format!("https://localhost:{}", up.addr.port());
+    let yaml = config_yaml(&url, CONSOLE, "").replacen(
+        "  connect_timeout: 1s\n",
+        &format!("  connect_timeout: 1s\n  ca_file: {}\n", ca.display()),
+        1,
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let res = get(&gw.url("/over-tls"), &[]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.json()["path"], "/over-tls");
+    // Without the CA the handshake fails: 502, nothing served.
+    let untrusted = TestGateway::start(&config_yaml(&url, CONSOLE, "")).await;
+    assert_eq!(
+        get(&untrusted.url("/over-tls"), &[]).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+// Primary tokens verified with a JWKS: the key is chosen by kid, an unknown
+// kid or an HS token is refused.
+async fn jwks_keys_by_kid() {
+    use p256::pkcs8::EncodePrivateKey;
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut keys = Vec::new();
+    let mut jwks = Vec::new();
+    for kid in ["k1", "k2"] {
+        let sk = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        let point =
+            p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&sk.public_key(), false);
+        jwks.push(serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+            "x": base64_url(point.x().expect("x")), "y": base64_url(point.y().expect("y")),
+        }));
+        let pem = sk
+            .to_pkcs8_pem(Default::default())
+            .expect("pem")
+            .to_string();
+        keys.push((
+            kid,
+            jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()).expect("key"),
+        ));
+    }
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, serde_json::json!({ "keys": jwks }).to_string())
+        .expect("write jwks");
+    let yaml = config_yaml(&up.url(), CONSOLE, "").replacen(
+        &format!("    algorithms: [HS256]\n    secret: {JWT_SECRET}\n"),
+        &format!(
+            "    algorithms: [ES256]\n    jwks_file: {}\n",
+            jwks_path.display()
+        ),
+        1,
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let now = stepgate::token::unix_now();
+    let claims = serde_json::json!({"sub": "erin", "iss": "https://idp.test", "aud": "legacy-app", "exp": now + 600});
+    let sign_kid = |kid: &str, key: &jsonwebtoken::EncodingKey| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some(kid.to_string());
+        jsonwebtoken::encode(&h, &claims, key).expect("sign")
+    };
+    for (kid, key) in &keys {
+        let res = get(
+            &gw.url("/account/me"),
+            &[("authorization", &bearer(&sign_kid(kid, key)))],
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::OK, "{kid}");
+        assert_eq!(
+            res.upstream_header("x-stepgate-user").as_deref(),
+            Some("erin")
+        );
+    }
+    // k1's key under k2's kid: wrong key, refused. Unknown kid: refused.
+    let swapped = sign_kid("k2", &keys[0].1);
+    assert_eq!(
+        get(
+            &gw.url("/account/me"),
+            &[("authorization", &bearer(&swapped))]
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let unknown = sign_kid("k9", &keys[0].1);
+    assert_eq!(
+        get(
+            &gw.url("/account/me"),
+            &[("authorization", &bearer(&unknown))]
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // An HS256 token (alg confusion) is refused.
+    let hs = primary_token("erin", None, None, None);
+    assert_eq!(
+        get(&gw.url("/account/me"), &[("authorization", &bearer(&hs))])
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
 }

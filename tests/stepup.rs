@@ -7,6 +7,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::gateway::BinaryGateway;
+
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::flow::*;
@@ -758,4 +760,99 @@ async fn redis_outage_fails_closed_and_recovers() {
         protected(&env.gw, "/admin/x", &u, &token).await.status,
         StatusCode::OK
     );
+}
+
+// Logs carry audit events with subject, channel and client, and never a
+// code, a token, a cookie value or a full contact, even at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_carry_secrets() {
+    let up = support::upstream::Upstream::start().await;
+    let smtp = support::smtp::SmtpServer::start();
+    let sms = HttpSink::start(200).await;
+    let yaml = config_yaml(
+        &up.url(),
+        &stepup_yaml(smtp.port(), &sms.url(), OTP),
+        "log:\n  format: json\n  level: debug\n",
+    );
+    let bin = BinaryGateway::start_logged(&yaml).await;
+    let base = format!("http://{}", bin.addr);
+    let u = user("sara", None);
+    let post = |path: &'static str, body: String| {
+        let (url, auth) = (format!("{base}{path}"), u.auth.clone());
+        async move {
+            request(
+                Method::POST,
+                &url,
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                Bytes::from(body),
+            )
+            .await
+        }
+    };
+    let res = post("/.stepgate/api/otp", r#"{"method":"email"}"#.into()).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let code = mailed_code(&smtp, &u.email, 0).await;
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let _ = post(
+        "/.stepgate/api/otp/verify",
+        serde_json::json!({"challenge_id": cid, "code": wrong}).to_string(),
+    )
+    .await;
+    let res = post(
+        "/.stepgate/api/otp/verify",
+        serde_json::json!({"challenge_id": cid, "code": code}).to_string(),
+    )
+    .await;
+    let token = res.json()["token"].as_str().unwrap_or_default().to_string();
+    let res = get(
+        &format!("{base}/admin/x?secret=q"),
+        &[
+            ("authorization", &u.auth),
+            ("cookie", &format!("stepgate_sf={token}")),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    // Wait for the access log line of that last request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = std::fs::read_to_string(bin.log_path()).unwrap_or_default();
+        if log.contains(r#""path":"/admin/x""#) {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no access log line:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for ev in [
+        "challenge_started",
+        "code_sent",
+        "verify_failed",
+        "verify_ok",
+        "token_issued",
+    ] {
+        assert!(
+            log.contains(&format!(r#""event":"{ev}""#)),
+            "no {ev} event:\n{log}"
+        );
+    }
+    assert!(log.contains(r#""subject":"sara""#));
+    let primary = u.auth.trim_start_matches("Bearer ");
+    for secret in [
+        code.as_str(),
+        token.as_str(),
+        primary,
+        u.email.as_str(),
+        u.phone.as_str(),
+        cid.as_str(),
+        "secret=q",
+    ] {
+        assert!(!log.contains(secret), "log contains {secret:?}:\n{log}");
+    }
 }

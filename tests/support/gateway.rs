@@ -250,6 +250,20 @@ impl BinaryGateway {
     /// Start the binary with `yaml` (its `listen`/`admin` addresses are
     /// replaced by free ports) and wait until `/healthz` answers.
     pub async fn start(yaml: &str) -> BinaryGateway {
+        BinaryGateway::start_inner(yaml, false).await
+    }
+
+    /// Like `start`, with the process's log (stderr) kept in `log_path()`.
+    pub async fn start_logged(yaml: &str) -> BinaryGateway {
+        BinaryGateway::start_inner(yaml, true).await
+    }
+
+    /// Where `start_logged` writes the gateway's log.
+    pub fn log_path(&self) -> PathBuf {
+        self._dir.path().join("stepgate.log")
+    }
+
+    async fn start_inner(yaml: &str, logged: bool) -> BinaryGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let (p, a) = (free_port(), free_port());
         let yaml = yaml
@@ -265,11 +279,16 @@ impl BinaryGateway {
             );
         let config = dir.path().join("gateway.yaml");
         std::fs::write(&config, yaml).expect("write config");
+        let stderr = if logged {
+            Stdio::from(std::fs::File::create(dir.path().join("stepgate.log")).expect("log file"))
+        } else {
+            Stdio::null()
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_stepgate"))
             .args(["run", "-c"])
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn stepgate");
         let gw = BinaryGateway {
