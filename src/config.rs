@@ -75,6 +75,15 @@ pub struct Config {
     pub log: Log,
     /// Development mode: allows the console channel.
     pub dev: bool,
+    /// [`source_digest`] of the text this config was read from, so a
+    /// reload can tell whether the file changed since.
+    pub digest: [u8; 32],
+}
+
+/// SHA-256 of config file text.
+pub fn source_digest(text: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(text).into()
 }
 
 #[derive(Debug, Clone)]
@@ -285,7 +294,8 @@ impl Config {
         };
         let config = v.file(file, raw);
         if v.problems.is_empty() && env_problems.is_empty() {
-            if let Some(config) = config {
+            if let Some(mut config) = config {
+                config.digest = source_digest(text.as_bytes());
                 return Ok(config);
             }
         }
@@ -1024,6 +1034,7 @@ impl Validator<'_> {
             policy: Policy { rules, default },
             log,
             dev,
+            digest: [0; 32],
         })
     }
 

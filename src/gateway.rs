@@ -183,12 +183,7 @@ impl Gateway {
             }
         };
 
-        let prefix = &cfg.stepup.prefix;
-        if path.len() > prefix.len()
-            && path.starts_with(prefix.as_str())
-            && path.as_bytes()[prefix.len()] == b'/'
-            || path == *prefix
-        {
+        if under_prefix(&path, &cfg.stepup.prefix) {
             log.rule = "stepgate".into();
             let (res, outcome) = state.stepup.endpoint(req, &path, identity, conn).await;
             log.outcome = outcome;
@@ -340,6 +335,12 @@ struct RequestLog {
     rule: String,
     path: String,
     outcome: Outcome,
+}
+
+/// `path` is the prefix itself or below it (whole segments only).
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 fn same_rule(a: Option<&Rule>, b: Option<&Rule>) -> bool {

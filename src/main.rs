@@ -85,46 +85,17 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             stepgate::telemetry::init_logging(&config.log);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(stepgate::run(config, shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("stepgate: {e}");
-                    ExitCode::from(1)
-                }
-            }
+            serve("stepgate", stepgate::run(config, shutdown_signal()))
         }
         Command::Demo { listen } => {
             stepgate::telemetry::init_logging(&stepgate::config::Log {
                 format: stepgate::config::LogFormat::Text,
                 level: "warn,stepgate::console=warn".into(),
             });
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(stepgate::demo::run(listen, shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("stepgate demo: {e}");
-                    ExitCode::from(1)
-                }
-            }
+            serve(
+                "stepgate demo",
+                stepgate::demo::run(listen, shutdown_signal()),
+            )
         }
         Command::Check => match load(&cli.config) {
             Ok(c) => {
@@ -206,6 +177,27 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// Run a server future on a multi-threaded runtime until it returns.
+fn serve(what: &str, fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{what}: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            ExitCode::from(1)
         }
     }
 }

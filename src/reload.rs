@@ -81,6 +81,12 @@ pub fn watch(gateway: Arc<Gateway>, path: PathBuf) -> ReloadGuard {
             None
         }
     };
+    // An edit made after the config was loaded but before the watch began
+    // raised no event: catch up now.
+    let on_disk = std::fs::read(&path).map(|text| crate::config::source_digest(&text));
+    if on_disk.ok() != Some(gateway.config().digest) {
+        let _ = tx.send(());
+    }
     #[cfg(unix)]
     {
         let tx = tx.clone();

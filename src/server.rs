@@ -145,6 +145,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
+/// The per-request future, boxed: hyper needs a `Send` future whose type
+/// does not borrow the service closure.
 type ResponseFuture = std::pin::Pin<
     Box<
         dyn Future<Output = Result<http::Response<crate::proxy::Body>, std::convert::Infallible>>
