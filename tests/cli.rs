@@ -1088,6 +1088,25 @@ async fn status(gw: &BinaryGateway, path: &str, token: Option<&str>) -> StatusCo
 }
 
 #[tokio::test]
+// An edit saved the moment the gateway starts accepting is not lost (the
+// file may change between loading it and watching it).
+async fn edit_right_after_start_is_picked_up() {
+    let up = Upstream::start().await;
+    let gw = BinaryGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let good = std::fs::read_to_string(&gw.config).expect("read config");
+    let account = "  - name: account\n    path: /account/**\n";
+    assert_eq!(good.matches(account).count(), 1);
+    replace_file(
+        &gw.config,
+        &good.replacen(account, &format!("{account}    public: true\n"), 1),
+    );
+    eventually("the public edit to be live", || async {
+        status(&gw, "/account/x", None).await == StatusCode::OK
+    })
+    .await;
+}
+
+#[tokio::test]
 // A saved edit goes live without a restart; a broken edit keeps the last
 // good policy; SIGHUP reloads on its own (the file watcher cannot see the
 // last change).

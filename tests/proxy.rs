@@ -814,3 +814,37 @@ async fn jwks_keys_by_kid() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+// A peer inside `trusted_header.from` may assert identity by header; the
+// asserted user becomes X-Stepgate-User and the route's requirement is met.
+async fn trusted_header_identity_from_trusted_peer() {
+    let up = Upstream::start().await;
+    let yaml =
+        config_yaml(&up.url(), CONSOLE, "").replace("from: [10.9.9.9/32]", "from: [127.0.0.1/32]");
+    let gw = TestGateway::start(&yaml).await;
+    let res = get(
+        &gw.url("/account/me"),
+        &[
+            ("x-forwarded-user", "carol"),
+            ("x-forwarded-email", "carol@example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(
+        res.upstream_header("x-stepgate-user").as_deref(),
+        Some("carol")
+    );
+    assert_eq!(
+        res.upstream_header("x-stepgate-email").as_deref(),
+        Some("carol@example.com")
+    );
+    // An empty assertion is no identity.
+    assert_eq!(
+        get(&gw.url("/account/me"), &[("x-forwarded-user", " ")])
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+}
