@@ -416,6 +416,7 @@ struct PositionIndex {
 
 impl PositionIndex {
     fn build(text: &str) -> PositionIndex {
+        use std::collections::hash_map::Entry;
         use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
         use yaml_rust2::scanner::Marker;
 
@@ -465,10 +466,13 @@ impl PositionIndex {
                                     *start = (*start).min(pos);
                                 }
                                 let p = join(path, &value);
-                                if self.map.contains_key(&p) {
-                                    self.dups.entry(p).or_insert(pos);
-                                } else {
-                                    self.map.insert(p, pos);
+                                match self.map.entry(p) {
+                                    Entry::Occupied(seen) => {
+                                        self.dups.entry(seen.key().clone()).or_insert(pos);
+                                    }
+                                    Entry::Vacant(new) => {
+                                        new.insert(pos);
+                                    }
                                 }
                                 *key = Some(value);
                                 return;

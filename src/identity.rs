@@ -110,6 +110,11 @@ impl Authenticator {
 
     fn verify_jwt(&self, jwt: &config::Jwt, token: &str) -> Result<Identity, IdentityError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::Header)?;
+        // The gateway's own second-factor tokens are never primary
+        // credentials, even if an operator reused one key for both.
+        if header.typ.as_deref() == Some(crate::token::TOKEN_TYPE) {
+            return Err(IdentityError::Header);
+        }
         if !jwt.algorithms.contains(&header.alg) {
             return Err(IdentityError::Algorithm(header.alg));
         }
@@ -145,6 +150,9 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &v)
             .map_err(|e| IdentityError::Rejected(e.to_string()))?;
         let claims = data.claims;
+        if claims.get("aud").and_then(Value::as_str) == Some(crate::token::AUDIENCE) {
+            return Err(IdentityError::Header);
+        }
         let names = &self.cfg.claims;
         let subject = string_claim(&claims, &names.subject)
             .filter(|s| !s.is_empty())
@@ -249,5 +257,50 @@ mod tests {
         assert_eq!(all, vec!["a=1; b=2"]);
         assert_eq!(cookie(&h, "b"), Some("2"));
         assert_eq!(cookie(&h, "stepgate_sf"), None);
+    }
+}
+
+#[cfg(test)]
+mod sf_tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    // With one key for both, a second-factor token still never passes as a
+    // primary token (typ and audience are the gateway's own).
+    fn second_factor_token_is_not_a_primary_token() {
+        let key = "shared-key-0123456789abcdef0123456789";
+        let yaml = format!(
+            "upstream: {{ url: http://127.0.0.1:1 }}\nidentity:\n  jwt: {{ algorithms: [HS256], secret: {key} }}\nstepup:\n  token: {{ signing_key: {key} }}\n  console: true\ndev: true\n"
+        );
+        let cfg = Config::from_yaml(std::path::Path::new("t.yaml"), &yaml, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sf = crate::token::Tokens::new(&cfg.stepup.token)
+            .issue("alice", "sid:1", crate::delivery::Channel::Email)
+            .unwrap_or_default();
+        let auth = Authenticator::new(&cfg.identity);
+        let mut h = HeaderMap::new();
+        h.insert(
+            AUTHORIZATION,
+            format!("Bearer {sf}")
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        assert!(auth.authenticate(&h, IpAddr::from([127, 0, 0, 1])).is_err());
+        // A same-key token without the gateway's typ but with its audience is refused too.
+        let claims = serde_json::json!({"sub": "alice", "exp": crate::token::unix_now() + 60, "aud": crate::token::AUDIENCE});
+        let forged = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap_or_default();
+        h.insert(
+            AUTHORIZATION,
+            format!("Bearer {forged}")
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        assert!(auth.authenticate(&h, IpAddr::from([127, 0, 0, 1])).is_err());
     }
 }

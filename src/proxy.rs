@@ -71,10 +71,18 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// Whether the request asks for a protocol upgrade (WebSocket).
+/// Whether the request asks for a WebSocket upgrade. Only WebSocket is
+/// passed through: an upgrade to anything else (notably `h2c`) would let
+/// later requests on the connection reach the upstream without passing the
+/// policy, so its `Upgrade` header is dropped like any hop-by-hop header.
 pub fn wants_upgrade(req_headers: &HeaderMap, version: Version) -> bool {
     version == Version::HTTP_11
-        && req_headers.contains_key(header::UPGRADE)
+        && req_headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
         && connection_tokens(req_headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
@@ -304,6 +312,9 @@ impl Proxy {
         }
         let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        // The client's protocol is ours, not the upstream's (an HTTP/1.0
+        // upstream must not turn our answer into an HTTP/1.0 one).
+        parts.version = Version::HTTP_11;
         Ok(Response::from_parts(
             parts,
             body.map_err(BoxError::from).boxed(),

@@ -85,7 +85,7 @@ pub fn watch(gateway: Arc<Gateway>, path: PathBuf) -> ReloadGuard {
     // raised no event: catch up now.
     let on_disk = std::fs::read(&path).map(|text| crate::config::source_digest(&text));
     if on_disk.ok() != Some(gateway.config().digest) {
-        // let _ = tx.send(());
+        let _ = tx.send(());
     }
     #[cfg(unix)]
     {

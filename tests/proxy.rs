@@ -848,3 +848,50 @@ async fn trusted_header_identity_from_trusted_peer() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+// Only WebSocket upgrades pass: an h2c upgrade would let later requests on
+// the connection bypass the policy, so it is dropped and answered normally.
+async fn non_websocket_upgrades_are_not_passed() {
+    let (_up, gw) = setup().await;
+    let resp = raw(
+        gw.addr,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 200, "{resp}");
+    let body = resp
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(!body.contains("\"upgrade\""), "{body}");
+    assert!(!body.contains("http2-settings"), "{body}");
+}
+
+#[tokio::test]
+// The client's protocol version is the gateway's, whatever the upstream speaks.
+async fn http10_upstream_answers_as_http11() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let gw = TestGateway::start(&config_yaml(&format!("http://{addr}"), CONSOLE, "")).await;
+    let resp = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("ok"), "{resp}");
+}
