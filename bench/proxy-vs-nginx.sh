@@ -31,7 +31,7 @@ trap cleanup EXIT
 backend=18091 nginx_proxy=18092 gate=18093 admin=18094
 body=$(head -c 1024 /dev/zero | tr '\0' 'x')
 cat > "$work/nginx.conf" <<NGINX
-worker_processes 1;
+worker_processes auto;
 daemon off;
 error_log $work/nginx-error.log;
 pid $work/nginx.pid;

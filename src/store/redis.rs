@@ -195,9 +195,9 @@ struct Scripts {
 }
 
 /// Where to connect to.
+/// Both clients are boxed: they are large and only cloned on (re)connect.
 enum Target {
-    Node(redis::Client),
-    // Boxed: a cluster client is several times the size of a node client.
+    Node(Box<redis::Client>),
     Cluster(Box<ClusterClient>),
 }
 
@@ -240,8 +240,24 @@ impl RedisStore {
     /// A store on one Redis node at `url`, with every key under `prefix`.
     /// Fails only on a malformed URL or prefix; Redis need not be up.
     pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError(format!("redis url: {e}")))?;
-        RedisStore::with_target(Target::Node(client), prefix)
+        RedisStore::with_ca(url, prefix, None)
+    }
+
+    /// Like [`RedisStore::new`]; for `rediss://` URLs, `ca_pem` (PEM
+    /// certificates) replaces the system roots when given.
+    pub fn with_ca(url: &str, prefix: &str, ca_pem: Option<Vec<u8>>) -> Result<RedisStore, StoreError> {
+        let client = match ca_pem {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| StoreError(format!("redis url: {e}")))?;
+        RedisStore::with_target(Target::Node(Box::new(client)), prefix)
     }
 
     /// A store on the Redis Cluster reachable through `urls`, with every key
@@ -303,7 +319,7 @@ impl RedisStore {
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(100))
                     .set_max_delay(Duration::from_millis(500));
-                let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                let manager = ConnectionManager::new_lazy_with_config((**client).clone(), config)
                     .map_err(|e| StoreError(format!("redis: {e}")))?;
                 Conn::Node(manager)
             }
