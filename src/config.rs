@@ -226,9 +226,19 @@ pub struct Stepup {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
-    Memory { max_entries: usize },
-    Redis { url: String, prefix: String },
-    Cluster { urls: Vec<String>, prefix: String },
+    Memory {
+        max_entries: usize,
+    },
+    Redis {
+        url: String,
+        prefix: String,
+        /// PEM roots for `rediss://` instead of the system ones.
+        ca_file: Option<PathBuf>,
+    },
+    Cluster {
+        urls: Vec<String>,
+        prefix: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -844,6 +854,7 @@ mod raw {
         pub redis_cluster: Option<Vec<Str>>,
         pub prefix: Option<Str>,
         pub max_entries: Option<u64>,
+        pub ca_file: Option<Str>,
     }
 
     #[derive(Deserialize)]
@@ -1626,6 +1637,19 @@ impl Validator<'_> {
     }
 
     fn sms(&mut self, s: raw::Sms) -> Option<SmsSettings> {
+        let settings = self.sms_settings(s)?;
+        // What only the notifier checks (Twilio SID shape, header values)
+        // is a config error too, not a start-up failure.
+        if let Err(msg) =
+            crate::delivery::sms::SmsNotifier::new(settings.clone(), Duration::from_secs(10))
+        {
+            self.problem("stepup.sms", msg);
+            return None;
+        }
+        Some(settings)
+    }
+
+    fn sms_settings(&mut self, s: raw::Sms) -> Option<SmsSettings> {
         match (s.webhook, s.twilio) {
             (Some(w), None) => {
                 let url = match w.url.0.parse::<Uri>() {
@@ -1703,7 +1727,21 @@ impl Validator<'_> {
                     );
                     return None;
                 }
-                Some(StoreConfig::Redis { url: url.0, prefix })
+                if let Err(e) = redis::Client::open(url.0.as_str()) {
+                    self.problem("store.redis", format!("invalid Redis URL: {e}"));
+                    return None;
+                }
+                let ca_file = s
+                    .ca_file
+                    .and_then(|f| self.existing_file("store.ca_file", &f.0));
+                if ca_file.is_some() && !url.0.starts_with("rediss://") {
+                    self.problem("store.ca_file", "only applies to rediss:// (TLS) URLs");
+                }
+                Some(StoreConfig::Redis {
+                    url: url.0,
+                    prefix,
+                    ca_file,
+                })
             }
             (None, Some(urls)) => {
                 if urls.is_empty() {

@@ -187,8 +187,14 @@ async fn browser_demo_flow() {
     let challenge = b.wait_for_url(|u| u.contains("/.stepgate/challenge")).await;
     b.find("#send").await.click().await;
     let code_page = b.wait_for_url(|u| u.contains("cid=")).await;
-    assert!(challenge.ends_with("/.stepgate/challenge?rd=/admin"), "{challenge}");
-    assert!(code_page.contains("/.stepgate/challenge?rd=/admin&cid="), "{code_page}");
+    assert!(
+        challenge.ends_with("/.stepgate/challenge?rd=/admin"),
+        "{challenge}"
+    );
+    assert!(
+        code_page.contains("/.stepgate/challenge?rd=/admin&cid="),
+        "{code_page}"
+    );
     b.goto(&format!("{base}/dev/codes")).await;
     let code = b.find("#email-code").await.text().await;
     assert_eq!(code.len(), 6, "{code}");

@@ -623,3 +623,38 @@ async fn prefix_isolates_stores(kind: Kind) {
     ok(a.revoke("jti", Duration::from_secs(60)).await);
     assert!(!ok(b.is_revoked("jti").await));
 }
+
+#[tokio::test]
+// Redis over TLS: a rediss:// store verifies the server against the
+// configured CA and works; without that CA the connection is refused.
+async fn redis_over_tls_with_configured_ca() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let status = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-cert.sh"
+    ))
+    .arg(certs.path())
+    .stdout(std::process::Stdio::null())
+    .status()
+    .expect("gen-dev-cert.sh");
+    assert!(status.success());
+    let server = support::redis::RedisServer::start_tls(certs.path());
+    let ca = std::fs::read(certs.path().join("ca.crt")).expect("ca");
+    let store =
+        stepgate::store::RedisStore::with_ca(&server.tls_url(), "tls:", Some(ca)).expect("store");
+    use stepgate::store::ChallengeStore;
+    store.ping().await.expect("TLS ping");
+    assert!(store
+        .spend_once("jti-1", std::time::Duration::from_secs(5))
+        .await
+        .expect("spend"));
+    assert!(!store
+        .spend_once("jti-1", std::time::Duration::from_secs(5))
+        .await
+        .expect("spend"));
+    let untrusted = stepgate::store::RedisStore::new(&server.tls_url(), "tls:").expect("store");
+    assert!(
+        untrusted.ping().await.is_err(),
+        "connected to a server with an unknown CA"
+    );
+}

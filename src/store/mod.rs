@@ -142,8 +142,18 @@ pub fn from_config(
     use crate::config::StoreConfig;
     Ok(match cfg {
         StoreConfig::Memory { max_entries } => std::sync::Arc::new(MemoryStore::new(*max_entries)),
-        StoreConfig::Redis { url, prefix } => {
-            std::sync::Arc::new(RedisStore::new(url, prefix).map_err(|e| e.to_string())?)
+        StoreConfig::Redis {
+            url,
+            prefix,
+            ca_file,
+        } => {
+            let ca = match ca_file {
+                Some(path) => {
+                    Some(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?)
+                }
+                None => None,
+            };
+            std::sync::Arc::new(RedisStore::with_ca(url, prefix, ca).map_err(|e| e.to_string())?)
         }
         StoreConfig::Cluster { urls, prefix } => {
             std::sync::Arc::new(RedisStore::cluster(urls, prefix).map_err(|e| e.to_string())?)

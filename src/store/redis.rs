@@ -245,7 +245,11 @@ impl RedisStore {
 
     /// Like [`RedisStore::new`]; for `rediss://` URLs, `ca_pem` (PEM
     /// certificates) replaces the system roots when given.
-    pub fn with_ca(url: &str, prefix: &str, ca_pem: Option<Vec<u8>>) -> Result<RedisStore, StoreError> {
+    pub fn with_ca(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<RedisStore, StoreError> {
         let client = match ca_pem {
             Some(root_cert) => redis::Client::build_with_tls(
                 url,

@@ -21,9 +21,33 @@ pub struct RedisServer {
     /// Working directory (cluster node config); kept alive with the server.
     dir: tempfile::TempDir,
     cluster: bool,
+    /// TLS port and the directory holding server.crt/server.key/ca.crt.
+    tls: Option<(u16, std::path::PathBuf)>,
 }
 
 impl RedisServer {
+    /// Starts a plain node that also serves TLS on a second port with the
+    /// certificates from `certs/gen-dev-cert.sh` in `cert_dir`.
+    pub fn start_tls(cert_dir: &std::path::Path) -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("create a temporary directory for redis-server"),
+            cluster: false,
+            tls: Some((free_port(), cert_dir.to_path_buf())),
+        };
+        if let Err(e) = server.spawn() {
+            panic!("could not start redis-server with TLS: {e}");
+        }
+        server
+    }
+
+    /// `rediss://localhost:<tls port>/` (TLS servers only).
+    pub fn tls_url(&self) -> String {
+        let (port, _) = self.tls.as_ref().expect("a TLS server");
+        format!("rediss://localhost:{port}/")
+    }
+
     /// Starts a plain redis-server.
     pub fn start() -> RedisServer {
         RedisServer::launch(false)
@@ -45,6 +69,7 @@ impl RedisServer {
                 // leave a cluster config naming another port behind.
                 dir: tempfile::tempdir().expect("create a temporary directory for redis-server"),
                 cluster,
+                tls: None,
             };
             match server.spawn() {
                 Ok(()) => return server,
@@ -92,6 +117,16 @@ impl RedisServer {
             .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path());
+        if let Some((port, certs)) = &self.tls {
+            cmd.args(["--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(certs.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(certs.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(certs.join("ca.crt"))
+                .args(["--tls-auth-clients", "no"]);
+        }
         if self.cluster {
             cmd.args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
