@@ -299,11 +299,34 @@ impl Proxy {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Err(_) => return Err(ProxyError::Timeout(self.timeout)),
-            Ok(Err(e)) if e.is_connect() => return Err(ProxyError::Connect(error_chain(&e))),
-            Ok(Err(e)) => return Err(ProxyError::Upstream(error_chain(&e))),
-            Ok(Ok(res)) => res,
+        // `timeout` runs from the last request body progress, not from the
+        // start: a large upload that keeps moving is never cut off, an
+        // upstream that stops answering is (like nginx's proxy timeouts).
+        let progress = Progress::new();
+        let req = req.map(|b| {
+            ProgressBody {
+                inner: b,
+                progress: progress.clone(),
+            }
+            .boxed()
+        });
+        let fut = self.client.request(req);
+        tokio::pin!(fut);
+        let res = loop {
+            let seen = progress.last();
+            tokio::select! {
+                res = &mut fut => break res,
+                () = tokio::time::sleep_until(progress.deadline(seen, self.timeout)) => {
+                    if progress.last() == seen {
+                        return Err(ProxyError::Timeout(self.timeout));
+                    }
+                }
+            }
+        };
+        let res = match res {
+            Err(e) if e.is_connect() => return Err(ProxyError::Connect(error_chain(&e))),
+            Err(e) => return Err(ProxyError::Upstream(error_chain(&e))),
+            Ok(res) => res,
         };
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
@@ -319,6 +342,65 @@ impl Proxy {
             parts,
             body.map_err(BoxError::from).boxed(),
         ))
+    }
+}
+
+/// When a request body last made progress, in milliseconds since a base.
+#[derive(Clone)]
+struct Progress {
+    base: tokio::time::Instant,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            base: tokio::time::Instant::now(),
+            last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> u64 {
+        self.last_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn deadline(&self, last_ms: u64, timeout: Duration) -> tokio::time::Instant {
+        self.base + Duration::from_millis(last_ms) + timeout
+    }
+}
+
+/// A request body that records each frame it hands to the upstream.
+struct ProgressBody {
+    inner: Body,
+    progress: Progress,
+}
+
+impl http_body::Body for ProgressBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(_))) = &poll {
+            self.progress.touch();
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

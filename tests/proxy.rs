@@ -895,3 +895,35 @@ async fn http10_upstream_answers_as_http11() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("ok"), "{resp}");
 }
+
+#[tokio::test]
+// upstream.timeout counts from the last upload progress: a slow upload that
+// keeps moving outlives the timeout, while a silent upstream still gets 504.
+async fn timeout_runs_from_last_upload_progress() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let (_up, gw) = setup().await;
+    // Five chunks 700 ms apart: 2.8 s in all, more than the 2 s timeout.
+    let stream = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 5 {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        Some((
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"0123456789"))),
+            i + 1,
+        ))
+    });
+    let client: hyper_util::client::legacy::Client<_, StreamBody<_>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::post(gw.url("/upload"))
+        .body(StreamBody::new(Box::pin(stream)))
+        .expect("request");
+    let res = client.request(req).await.expect("upload");
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"{\"received\":50}");
+}
