@@ -152,6 +152,12 @@ pub fn explain(c: &Config, method: &str, url: &str) -> Result<String, String> {
         s += "gateway endpoint (step-up API/page): primary identity\n";
         return Ok(s);
     }
+    if host.is_none() {
+        let skipped = c.policy.rules.iter().filter(|r| r.hosts.is_some()).count();
+        if skipped > 0 {
+            s += &format!("note: {skipped} rule(s) limited to hosts were skipped; give a full URL (https://host/path) to include them\n");
+        }
+    }
     match c.policy.route(&method, host.as_deref(), &path) {
         Some(r) => {
             s += &format!(

@@ -1901,7 +1901,7 @@ impl Validator<'_> {
             };
             if let Some(path) = path {
                 rules.push(Rule {
-                    name,
+                    name: name.into(),
                     line,
                     path,
                     methods,

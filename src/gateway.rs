@@ -22,6 +22,7 @@ use crate::proxy::{self, Body, BoxError, ClientConn, Proxy};
 use crate::stepup::{Stepup, StepupCheck};
 use crate::store::ChallengeStore;
 use crate::telemetry::{Metrics, Outcome};
+use crate::token::SecondFactor;
 
 const X_STEPGATE_USER: HeaderName = HeaderName::from_static("x-stepgate-user");
 const X_STEPGATE_EMAIL: HeaderName = HeaderName::from_static("x-stepgate-email");
@@ -42,6 +43,10 @@ pub struct Gateway {
     store: Arc<dyn ChallengeStore>,
     store_config: StoreConfig,
     pub metrics: Arc<Metrics>,
+    /// Rule labels for requests no rule matched and for the gateway's own
+    /// endpoints (shared, so labelling a request never allocates).
+    no_rule: Arc<str>,
+    gateway_rule: Arc<str>,
 }
 
 impl Gateway {
@@ -56,6 +61,8 @@ impl Gateway {
             state: ArcSwap::from_pointee(state),
             store,
             metrics,
+            no_rule: Arc::from("-"),
+            gateway_rule: Arc::from("stepgate"),
         }))
     }
 
@@ -106,7 +113,7 @@ impl Gateway {
         let state = self.state.load_full();
         let method = req.method().clone();
         let mut log = RequestLog {
-            rule: "-".into(),
+            rule: self.no_rule.clone(),
             path: String::new(),
             outcome: Outcome::Gateway,
         };
@@ -175,24 +182,29 @@ impl Gateway {
             }
         }
 
-        let identity = match state.auth.authenticate(req.headers(), conn.peer.ip()) {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::debug!(error = %e, "primary credential refused");
-                None
+        // Per-request facts travel in request extensions: the identity here,
+        // the verified second factor below.
+        match state.auth.authenticate(req.headers(), conn.peer.ip()) {
+            Ok(Some(id)) => {
+                req.extensions_mut().insert(id);
             }
-        };
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "primary credential refused"),
+        }
 
+        // The step-up futures below are boxed: they are large and off the
+        // plain-proxy path, and inlining them would make every request's
+        // future (moved on each poll setup) several times bigger.
         if under_prefix(&path, &cfg.stepup.prefix) {
-            log.rule = "stepgate".into();
-            let (res, outcome) = state.stepup.endpoint(req, &path, identity, conn).await;
+            log.rule = self.gateway_rule.clone();
+            let (res, outcome) = Box::pin(state.stepup.endpoint(req, &path, conn)).await;
             log.outcome = outcome;
             return res;
         }
 
         let rule = cfg.policy.route(req.method(), host.as_deref(), &path);
         if let Some(r) = rule {
-            log.rule.clone_from(&r.name);
+            log.rule = r.name.clone();
         }
         // A method override header must not move the request to a rule the
         // policy did not check (e.g. POST + X-HTTP-Method-Override: DELETE).
@@ -219,7 +231,6 @@ impl Gateway {
                 DefaultPolicy::Identity => &Action::Identity,
             },
         };
-        let mut factor = None;
         match action {
             Action::Deny => {
                 log.outcome = Outcome::Denied;
@@ -231,20 +242,18 @@ impl Gateway {
             }
             Action::Public => {}
             Action::Identity | Action::StepUp(_) => {
-                let Some(id) = &identity else {
+                let Some(id) = req.extensions().get::<Identity>().cloned() else {
                     log.outcome = Outcome::Unauthenticated;
                     return unauthenticated(&req, cfg.identity.login_url.as_deref());
                 };
                 if let (Action::StepUp(need), Some(rule)) = (action, rule) {
-                    match state
-                        .stepup
-                        .check(req.headers(), id, rule, need, conn)
-                        .await
-                    {
-                        StepupCheck::Fresh(sf) => factor = Some(sf),
+                    match Box::pin(state.stepup.check(req.headers(), &id, rule, need, conn)).await {
+                        StepupCheck::Fresh(sf) => {
+                            req.extensions_mut().insert(sf);
+                        }
                         StepupCheck::Needed => {
                             log.outcome = Outcome::Challenged;
-                            return state.stepup.challenge(req, id, need).await;
+                            return Box::pin(state.stepup.challenge(req, &id, need)).await;
                         }
                         StepupCheck::Unavailable => {
                             log.outcome = Outcome::StoreUnavailable;
@@ -259,17 +268,26 @@ impl Gateway {
             }
         }
 
+        let identity_headers = req
+            .extensions()
+            .get::<Identity>()
+            .map(identity_header_values);
+        let factor = req
+            .extensions()
+            .get::<SecondFactor>()
+            .map(|sf| (sf.channel, sf.auth_time));
         let headers = req.headers_mut();
         state.stepup.strip_token(headers);
-        if let Some(id) = &identity {
-            set_identity_headers(headers, id);
+        if let Some((user, email)) = identity_headers {
+            headers.extend(user.map(|v| (X_STEPGATE_USER, v)));
+            headers.extend(email.map(|v| (X_STEPGATE_EMAIL, v)));
         }
-        if let Some(sf) = &factor {
+        if let Some((channel, auth_time)) = factor {
             headers.insert(
                 X_STEPGATE_STEPUP,
-                HeaderValue::from_static(sf.channel.as_str()),
+                HeaderValue::from_static(channel.as_str()),
             );
-            let age = crate::token::unix_now().saturating_sub(sf.auth_time);
+            let age = crate::token::unix_now().saturating_sub(auth_time);
             headers.insert(X_STEPGATE_STEPUP_AGE, HeaderValue::from(age));
         }
         proxy::set_forwarded(headers, &conn, host.as_deref());
@@ -332,7 +350,7 @@ impl State {
 }
 
 struct RequestLog {
-    rule: String,
+    rule: Arc<str>,
     path: String,
     outcome: Outcome,
 }
@@ -360,13 +378,15 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
 }
 
-fn set_identity_headers(headers: &mut http::HeaderMap, id: &Identity) {
-    if let Ok(v) = HeaderValue::from_str(&id.subject) {
-        headers.insert(X_STEPGATE_USER, v);
-    }
-    if let Some(Ok(v)) = id.email.as_deref().map(HeaderValue::from_str) {
-        headers.insert(X_STEPGATE_EMAIL, v);
-    }
+/// `X-Stepgate-User` and `X-Stepgate-Email` values for an identity (a value
+/// that is not a valid header value is left out, never forwarded raw).
+fn identity_header_values(id: &Identity) -> (Option<HeaderValue>, Option<HeaderValue>) {
+    (
+        HeaderValue::from_str(&id.subject).ok(),
+        id.email
+            .as_deref()
+            .and_then(|e| HeaderValue::from_str(e).ok()),
+    )
 }
 
 /// A browser navigation: `GET`/`HEAD` that accepts HTML.

@@ -544,7 +544,7 @@ pub enum Action {
 #[derive(Debug, Clone)]
 pub struct Rule {
     /// The rule's name from the config.
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// 1-based line in the config file, for explain/check/logs.
     pub line: usize,
     /// Which normalised paths the rule covers.
@@ -1132,7 +1132,7 @@ mod tests {
         action: Action,
     ) -> Rule {
         Rule {
-            name: name.to_owned(),
+            name: name.into(),
             line: 1,
             path: PathMatcher::Glob(glob(path)),
             methods: methods.map(<[Method]>::to_vec),
@@ -1153,7 +1153,7 @@ mod tests {
     }
 
     fn routed<'a>(p: &'a Policy, m: &Method, host: Option<&str>, path: &str) -> Option<&'a str> {
-        p.route(m, host, path).map(|r| r.name.as_str())
+        p.route(m, host, path).map(|r| &*r.name)
     }
 
     #[test]
@@ -1375,7 +1375,7 @@ mod tests {
     fn regex_rule_routes() {
         // protects against regex rules bypassing method/host filters
         let p = policy(vec![Rule {
-            name: "keys".to_owned(),
+            name: "keys".into(),
             line: 7,
             path: re("/api/v[0-9]+/keys"),
             methods: Some(vec![Method::DELETE]),

@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -64,10 +65,24 @@ impl Outcome {
     }
 }
 
+/// Labels of the request counter. Built per request without allocating:
+/// the rule name is shared, the outcome is static.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
-    rule: String,
-    outcome: String,
+    rule: RuleLabel,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RuleLabel(Arc<str>);
+
+impl prometheus_client::encoding::EncodeLabelValue for RuleLabel {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        prometheus_client::encoding::EncodeLabelValue::encode(&&*self.0, encoder)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -136,11 +151,11 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, rule: &str, outcome: Outcome, elapsed: Duration) {
+    pub fn request(&self, rule: &Arc<str>, outcome: Outcome, elapsed: Duration) {
         self.requests
             .get_or_create(&RequestLabels {
-                rule: rule.to_string(),
-                outcome: outcome.as_str().to_string(),
+                rule: RuleLabel(rule.clone()),
+                outcome: outcome.as_str(),
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());

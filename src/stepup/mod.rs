@@ -315,9 +315,9 @@ impl Stepup {
         &self,
         req: Request<Body>,
         path: &str,
-        identity: Option<Identity>,
         conn: ClientConn,
     ) -> (Response<Body>, Outcome) {
+        let identity = req.extensions().get::<Identity>().cloned();
         let sub = &path[self.cfg.prefix.len()..];
         let Some(id) = identity else {
             let mut res = json_error(StatusCode::UNAUTHORIZED, "unauthenticated", "sign in first");
