@@ -25,6 +25,11 @@ pub(super) const MAX_BODY: usize = 8 * 1024;
 #[derive(Debug)]
 pub(super) enum ApiError {
     BadRequest(&'static str),
+    /// A JSON field missing or not a string.
+    Field {
+        name: &'static str,
+        missing: bool,
+    },
     UnsupportedMediaType,
     MethodNotAllowed,
     UnknownMethod,
@@ -34,7 +39,9 @@ pub(super) enum ApiError {
     Locked(Duration),
     Delivery,
     Unavailable,
-    InvalidCode { attempts_left: u32 },
+    InvalidCode {
+        attempts_left: u32,
+    },
     Gone,
 }
 
@@ -43,6 +50,14 @@ impl ApiError {
         use ApiError::*;
         let (status, code, msg) = match self {
             BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", *m),
+            Field { name, missing } => {
+                let msg = if *missing {
+                    format!("{name} is required")
+                } else {
+                    format!("{name} must be a string")
+                };
+                return json_error(StatusCode::BAD_REQUEST, "bad_request", &msg);
+            }
             UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -187,7 +202,7 @@ async fn read_json(req: Request<Body>) -> Result<JsonObject, ApiError> {
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let bytes = read_body(req.into_body()).await?;
+    let bytes = read_body(req.into_body(), MAX_BODY).await?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(ApiError::BadRequest("expected a JSON object")),
@@ -195,19 +210,34 @@ async fn read_json(req: Request<Body>) -> Result<JsonObject, ApiError> {
     }
 }
 
-/// Read a whole body of at most [`MAX_BODY`] bytes.
-pub(super) async fn read_body(mut body: Body) -> Result<bytes::Bytes, ApiError> {
+/// Read a whole body of at most `max` bytes.
+pub(super) async fn read_body(mut body: Body, max: usize) -> Result<bytes::Bytes, ApiError> {
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ApiError::BadRequest("body unreadable"))?;
         if let Some(data) = frame.data_ref() {
-            if buf.len() + data.len() > MAX_BODY {
+            if buf.len() + data.len() > max {
                 return Err(ApiError::BadRequest("body too large"));
             }
             buf.extend_from_slice(data);
         }
     }
     Ok(buf.freeze())
+}
+
+/// A string field of a JSON object body.
+fn str_field<'a>(body: &'a JsonObject, name: &'static str) -> Result<&'a str, ApiError> {
+    match body.get(name) {
+        Some(Value::String(v)) => Ok(v.as_str()),
+        Some(_) => Err(ApiError::Field {
+            name,
+            missing: false,
+        }),
+        None => Err(ApiError::Field {
+            name,
+            missing: true,
+        }),
+    }
 }
 
 async fn start_api(
@@ -217,12 +247,7 @@ async fn start_api(
     conn: ClientConn,
 ) -> Result<Response<Body>, ApiError> {
     let body = body?;
-    let method = match body.get("method") {
-        Some(Value::String(m)) => m.as_str(),
-        Some(_) => return Err(ApiError::BadRequest("method must be a string")),
-        None => return Err(ApiError::BadRequest("method is required")),
-    };
-    let channel = Channel::parse(method).ok_or(ApiError::UnknownMethod)?;
+    let channel = Channel::parse(str_field(&body, "method")?).ok_or(ApiError::UnknownMethod)?;
     let st = start(s, id, channel, conn).await?;
     Ok(json(
         StatusCode::ACCEPTED,
@@ -241,16 +266,11 @@ async fn verify_api(
     conn: ClientConn,
 ) -> Result<Response<Body>, ApiError> {
     let body = body?;
-    let challenge_id = match body.get("challenge_id") {
-        Some(Value::String(c)) if !c.is_empty() && c.len() <= 64 => c.as_str(),
-        Some(_) => return Err(ApiError::BadRequest("challenge_id must be a short string")),
-        None => return Err(ApiError::BadRequest("challenge_id is required")),
-    };
-    let code = match body.get("code") {
-        Some(Value::String(c)) => c.as_str(),
-        Some(_) => return Err(ApiError::BadRequest("code must be a string")),
-        None => return Err(ApiError::BadRequest("code is required")),
-    };
+    let challenge_id = str_field(&body, "challenge_id")?;
+    if challenge_id.is_empty() || challenge_id.len() > 64 {
+        return Err(ApiError::BadRequest("challenge_id must be a short string"));
+    }
+    let code = str_field(&body, "code")?;
     let issued = verify(s, id, challenge_id, code, conn).await?;
     let mut res = json(
         StatusCode::OK,

@@ -60,21 +60,6 @@ fn is_browser_form_post<B>(req: &Request<B>) -> bool {
             })
 }
 
-async fn read_limited(mut body: Body, max: usize) -> Result<bytes::Bytes, ()> {
-    use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| ())?;
-        if let Some(d) = frame.data_ref() {
-            if buf.len() + d.len() > max {
-                return Err(());
-            }
-            buf.extend_from_slice(d);
-        }
-    }
-    Ok(buf.freeze())
-}
-
 /// Step-up state shared by all requests of one policy generation.
 pub struct Stepup {
     cfg: config::Stepup,
@@ -264,7 +249,7 @@ impl Stepup {
             .and_then(|v| v.parse::<usize>().ok());
         // Too big to keep: the challenge still works, the form is not replayed.
         if declared.is_some_and(|n| n <= self.cfg.stash_max_bytes) {
-            if let Ok(body) = read_limited(req.into_body(), self.cfg.stash_max_bytes).await {
+            if let Ok(body) = api::read_body(req.into_body(), self.cfg.stash_max_bytes).await {
                 let blob = serde_json::json!({
                     "s": session_hash(&id.session),
                     "t": target,

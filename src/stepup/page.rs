@@ -40,7 +40,7 @@ pub(super) async fn serve(
             page(s, id, &Ctx { rd: &rd, stash }, view, StatusCode::OK)
         }
         ("/challenge/send", &Method::POST) | ("/challenge/verify", &Method::POST) => {
-            let body = match api::read_body(req.into_body()).await {
+            let body = match api::read_body(req.into_body(), api::MAX_BODY).await {
                 Ok(b) => b,
                 Err(e) => return e.response(),
             };
