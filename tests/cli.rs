@@ -16,32 +16,6 @@ use support::gateway::{
 };
 use support::upstream::Upstream;
 
-/// Run the binary with exactly these extra environment variables: the
-/// variables the config may refer to are removed first, so a developer's
-/// shell cannot make a test pass or fail.
-fn run_env(args: &[&str], cwd: Option<&Path>, env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stepgate"));
-    cmd.args(args);
-    for var in [
-        "JWT_SECRET",
-        "STEPGATE_KEY",
-        "STEPGATE_CONFIG",
-        "SMTP_PASSWORD",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
-    if let Some(d) = cwd {
-        cmd.current_dir(d);
-    }
-    let out = cmd.output().expect("run stepgate");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// 1-based (line, column) of the only occurrence of `needle` in `text`.
 fn at(text: &str, needle: &str) -> (usize, usize) {
     assert_eq!(
@@ -117,7 +91,7 @@ impl Invalid {
 
 /// `stepgate check` on `file` must exit 1 and print nothing on stdout.
 fn check_invalid(file: ConfigFile) -> Invalid {
-    let (code, out, err) = run_env(&["check", "-c", &file.path()], None, &[]);
+    let (code, out, err) = run_cli(&["check", "-c", &file.path()], None, &[]);
     assert_eq!(code, 1, "check must fail\nstdout:\n{out}\nstderr:\n{err}");
     assert!(out.is_empty(), "nothing on stdout when invalid: {out}");
     Invalid { file, stderr: err }
@@ -165,7 +139,7 @@ fn base_with(from: &str, to: &str) -> String {
 
 fn check_ok(yaml: &str) -> String {
     let file = ConfigFile::new(yaml);
-    let (code, out, err) = run_env(&["check", "-c", &file.path()], None, &[]);
+    let (code, out, err) = run_cli(&["check", "-c", &file.path()], None, &[]);
     assert_eq!(code, 0, "check must pass\nstderr:\n{err}");
     out
 }
@@ -219,7 +193,7 @@ fn p256_keypair(dir: &Path) -> (String, String) {
 #[test]
 // The version flag reports the crate version under the binary's name.
 fn version_prints_name_and_version() {
-    let (code, out, _) = run_cli(&["--version"], None);
+    let (code, out, _) = run_cli(&["--version"], None, &[]);
     assert_eq!(code, 0);
     assert_eq!(
         out.trim_end(),
@@ -230,7 +204,7 @@ fn version_prints_name_and_version() {
 #[test]
 // --help documents every contract subcommand and the -c option.
 fn help_lists_the_subcommands() {
-    let (code, out, _) = run_cli(&["--help"], None);
+    let (code, out, _) = run_cli(&["--help"], None, &[]);
     assert_eq!(code, 0);
     for cmd in ["run", "check", "explain", "token"] {
         assert!(
@@ -256,7 +230,7 @@ fn shipped_text() -> String {
 // the summary must show every part of it, each route with its line.
 fn shipped_config_checks_with_secrets_set() {
     let key = "0123456789abcdef".repeat(4);
-    let (code, out, err) = run_env(
+    let (code, out, err) = run_cli(
         &["check", "-c", "gateway.yaml"],
         Some(Path::new(SHIPPED_DIR)),
         &[("JWT_SECRET", &key), ("STEPGATE_KEY", &key)],
@@ -327,7 +301,7 @@ fn shipped_config_checks_with_secrets_set() {
 #[test]
 // An unset ${VAR} must fail the check at its use, never become "".
 fn shipped_config_without_secrets_names_both_variables() {
-    let (code, out, err) = run_env(
+    let (code, out, err) = run_cli(
         &["check", "-c", "gateway.yaml"],
         Some(Path::new(SHIPPED_DIR)),
         &[],
@@ -868,7 +842,7 @@ fn explain_config() -> String {
 }
 
 fn explain(file: &ConfigFile, method: &str, url: &str) -> (i32, String, String) {
-    run_env(&["explain", "-c", &file.path(), method, url], None, &[])
+    run_cli(&["explain", "-c", &file.path(), method, url], None, &[])
 }
 
 fn explain_ok(file: &ConfigFile, method: &str, url: &str) -> String {
@@ -991,7 +965,7 @@ async fn token_with_config_secret_is_accepted() {
     let up = Upstream::start().await;
     let gw = BinaryGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
     let cfg = path_str(&gw.config);
-    let (code, out, err) = run_env(
+    let (code, out, err) = run_cli(
         &[
             "token",
             "--sub",
@@ -1040,7 +1014,7 @@ async fn token_with_es256_key_is_accepted() {
     );
     let gw = BinaryGateway::start(&yaml).await;
     let cfg = path_str(&gw.config);
-    let (code, out, err) = run_env(
+    let (code, out, err) = run_cli(
         &[
             "token", "--sub", "bob", "--ttl", "10m", "--key", &private, "--alg", "ES256", "-c",
             &cfg,
@@ -1059,7 +1033,7 @@ async fn token_with_es256_key_is_accepted() {
     let res = get_with_token(&gw, "/account/x", &hs_token).await;
     assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{}", res.text());
     // Without --key there is no secret to sign with: a clear error.
-    let (code, _, err) = run_env(&["token", "--sub", "bob", "-c", &cfg], None, &[]);
+    let (code, _, err) = run_cli(&["token", "--sub", "bob", "-c", &cfg], None, &[]);
     assert_eq!(code, 1);
     assert!(err.contains("--key"), "{err}");
 }

@@ -335,10 +335,21 @@ impl Drop for BinaryGateway {
     }
 }
 
-/// Run the binary to completion with `args`.
-pub fn run_cli(args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
+/// Run the binary to completion with `args` and exactly these extra
+/// environment variables: the variables configs may refer to are removed
+/// first, so a developer's shell cannot make a test pass or fail.
+pub fn run_cli(args: &[&str], cwd: Option<&Path>, env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stepgate"));
     cmd.args(args);
+    for var in [
+        "JWT_SECRET",
+        "STEPGATE_KEY",
+        "STEPGATE_CONFIG",
+        "SMTP_PASSWORD",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
