@@ -154,10 +154,28 @@ type ResponseFuture = std::pin::Pin<
     >,
 >;
 
+/// Serve one request. A panic (a bug) becomes a short 500 instead of a
+/// dropped connection; nothing is forwarded from a request that panicked.
 fn handle_boxed(
     gw: Arc<Gateway>,
     req: http::Request<hyper::body::Incoming>,
     conn: crate::proxy::ClientConn,
 ) -> ResponseFuture {
-    Box::pin(async move { Ok(gw.handle(req, conn).await) })
+    use futures_util::FutureExt;
+    Box::pin(async move {
+        match std::panic::AssertUnwindSafe(gw.handle(req, conn))
+            .catch_unwind()
+            .await
+        {
+            Ok(res) => Ok(res),
+            Err(_) => {
+                tracing::error!("request handler panicked");
+                Ok(crate::gateway::json_error(
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "internal error",
+                ))
+            }
+        }
+    })
 }
