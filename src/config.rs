@@ -265,7 +265,7 @@ impl Config {
                 message: format!("cannot read config file: {e}"),
             }],
         })?;
-        Config::from_yaml(path, &text, &std::env::vars().collect())
+        Config::from_yaml(path, &text, &process_env())
     }
 
     /// Parse and validate config text; `env` resolves `${NAME}`.
@@ -334,6 +334,14 @@ impl Config {
             .replace("{stepup_key}", stepup_key);
         Config::from_yaml(Path::new("<demo>"), &text, &HashMap::new())
     }
+}
+
+/// The process environment; variables whose name or value is not UTF-8
+/// are left out (a `${NAME}` naming one is then reported as unset).
+fn process_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 /// One problem per `${NAME}` use of an unset variable, at its position.

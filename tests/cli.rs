@@ -1155,3 +1155,25 @@ async fn reload_on_change_keeps_last_good_and_on_sighup() {
     let res = get(&gw.url("/account/x"), &[]).await;
     assert_eq!(res.json()["path"], "/account/x", "forwarded upstream");
 }
+
+#[test]
+// A non-UTF-8 variable in the environment must not crash the config loader.
+fn non_utf8_environment_is_ignored() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = ConfigFile::new(&config_yaml("http://127.0.0.1:9", CONSOLE, ""));
+    let out = Command::new(env!("CARGO_BIN_EXE_stepgate"))
+        .args(["check", "-c"])
+        .arg(&f.path)
+        .env(
+            std::ffi::OsStr::from_bytes(b"ODD_\xff"),
+            std::ffi::OsStr::from_bytes(b"\xfe"),
+        )
+        .env("ODD_VALUE", std::ffi::OsStr::from_bytes(b"\xfe\xfd"))
+        .output()
+        .expect("run stepgate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
