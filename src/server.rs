@@ -6,15 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, TlsFiles};
 use crate::gateway::{client_conn, Gateway};
+use crate::proxy::{Body, BoxError, ClientConn};
 
 /// How long a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,10 +98,9 @@ pub async fn serve(
             let cfg = gateway.config();
             let is_tls = tls.is_some();
             let conn = client_conn(peer, is_tls, &cfg);
-            let gw = gateway.clone();
-            let svc = service_fn(move |req| {
-                let gw = gw.clone();
-                handle_boxed(gw, req, conn)
+            let svc = TowerToHyperService::new(GatewayService {
+                gateway: gateway.clone(),
+                conn,
             });
             match tls {
                 Some(acceptor) => {
@@ -146,36 +146,57 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 }
 
 /// The per-request future, boxed: hyper needs a `Send` future whose type
-/// does not borrow the service closure.
-type ResponseFuture = std::pin::Pin<
-    Box<
-        dyn Future<Output = Result<http::Response<crate::proxy::Body>, std::convert::Infallible>>
-            + Send,
-    >,
+/// does not borrow the service.
+pub type ResponseFuture = std::pin::Pin<
+    Box<dyn Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send>,
 >;
 
-/// Serve one request. A panic (a bug) becomes a short 500 instead of a
-/// dropped connection; nothing is forwarded from a request that panicked.
-fn handle_boxed(
-    gw: Arc<Gateway>,
-    req: http::Request<hyper::body::Incoming>,
-    conn: crate::proxy::ClientConn,
-) -> ResponseFuture {
-    use futures_util::FutureExt;
-    Box::pin(async move {
-        match std::panic::AssertUnwindSafe(gw.handle(req, conn))
-            .catch_unwind()
-            .await
-        {
-            Ok(res) => Ok(res),
-            Err(_) => {
-                tracing::error!("request handler panicked");
-                Ok(crate::gateway::json_error(
-                    http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    "internal error",
-                ))
+/// The gateway as a tower `Service` for one client connection, so it
+/// composes with tower layers and is served through hyper-util's glue.
+#[derive(Clone)]
+pub struct GatewayService {
+    pub gateway: Arc<Gateway>,
+    pub conn: ClientConn,
+}
+
+impl<B> tower::Service<http::Request<B>> for GatewayService
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The gateway never applies backpressure per request; limits live in
+        // the listener (connections) and the store (step-up).
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    /// Serve one request. A panic (a bug) becomes a short 500 instead of a
+    /// dropped connection; nothing is forwarded from a request that panicked.
+    fn call(&mut self, req: http::Request<B>) -> ResponseFuture {
+        use futures_util::FutureExt;
+        let (gw, conn) = (self.gateway.clone(), self.conn);
+        Box::pin(async move {
+            match std::panic::AssertUnwindSafe(gw.handle(req, conn))
+                .catch_unwind()
+                .await
+            {
+                Ok(res) => Ok(res),
+                Err(_) => {
+                    tracing::error!("request handler panicked");
+                    Ok(crate::gateway::json_error(
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "internal error",
+                    ))
+                }
             }
-        }
-    })
+        })
+    }
 }

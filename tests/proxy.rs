@@ -927,3 +927,35 @@ async fn timeout_runs_from_last_upload_progress() {
     let body = res.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"{\"received\":50}");
 }
+
+#[tokio::test]
+// The gateway is a tower Service: driven directly (no sockets), a deny rule
+// answers 403 and a bad path 400.
+async fn gateway_is_a_tower_service() {
+    use tower::Service;
+    let gateway = stepgate::Gateway::new(load(&config_yaml("http://127.0.0.1:9", CONSOLE, "")))
+        .expect("gateway");
+    let mut svc = stepgate::server::GatewayService {
+        gateway,
+        conn: stepgate::proxy::ClientConn {
+            peer: "127.0.0.1:5555".parse().expect("addr"),
+            tls: false,
+            trusted_proxy: false,
+        },
+    };
+    for (path, want) in [
+        ("/internal/x", StatusCode::FORBIDDEN),
+        ("/a%2fb", StatusCode::BAD_REQUEST),
+    ] {
+        std::future::poll_fn(|cx| {
+            Service::<http::Request<http_body_util::Full<Bytes>>>::poll_ready(&mut svc, cx)
+        })
+        .await
+        .expect("ready");
+        let req = http::Request::get(path)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .expect("request");
+        let res = svc.call(req).await.expect("infallible");
+        assert_eq!(res.status(), want, "{path}");
+    }
+}
