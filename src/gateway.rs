@@ -94,6 +94,7 @@ impl Gateway {
             tracing::warn!("store changes need a restart; keeping the old store");
         }
         let state = State::build(config, self.store.clone(), self.metrics.clone())?;
+        self.metrics.reload(true);
         self.state.store(Arc::new(state));
         Ok(())
     }

@@ -77,13 +77,14 @@ pub async fn start(config: Config) -> Result<Running, String> {
 /// the file changes or on SIGHUP.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), String> {
     let path = config.file.clone();
+    let hangups = reload::hangups();
     let running = start(config).await?;
     tracing::info!(
         listen = %running.addr,
         admin = %running.admin_addr,
         "stepgate listening"
     );
-    let watcher = reload::watch(running.gateway.clone(), path);
+    let watcher = reload::watch(running.gateway.clone(), path, hangups);
     shutdown.await;
     drop(watcher);
     running.shutdown().await

@@ -85,17 +85,16 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             stepgate::telemetry::init_logging(&config.log);
-            serve("stepgate", stepgate::run(config, shutdown_signal()))
+            serve("stepgate", |shutdown| stepgate::run(config, shutdown))
         }
         Command::Demo { listen } => {
             stepgate::telemetry::init_logging(&stepgate::config::Log {
                 format: stepgate::config::LogFormat::Text,
                 level: "warn,stepgate::console=warn".into(),
             });
-            serve(
-                "stepgate demo",
-                stepgate::demo::run(listen, shutdown_signal()),
-            )
+            serve("stepgate demo", |shutdown| {
+                stepgate::demo::run(listen, shutdown)
+            })
         }
         Command::Check => match load(&cli.config) {
             Ok(c) => {
@@ -181,8 +180,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Run a server future on a multi-threaded runtime until it returns.
-fn serve(what: &str, fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+/// Run a server on a multi-threaded runtime until it returns. The signal
+/// handlers are installed before the server starts, so a SIGTERM that
+/// arrives while it is starting up drains it rather than killing it.
+fn serve<F, Fut>(what: &str, server: F) -> ExitCode
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -193,7 +198,11 @@ fn serve(what: &str, fut: impl std::future::Future<Output = Result<(), String>>)
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(fut) {
+    let result = rt.block_on(async move {
+        let shutdown = shutdown_signal();
+        server(shutdown).await
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{what}: {e}");
@@ -202,25 +211,33 @@ fn serve(what: &str, fut: impl std::future::Future<Output = Result<(), String>>)
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// A future that resolves on SIGTERM or SIGINT. The handlers are
+/// registered when this is called (inside the runtime), not when the
+/// future is first polled.
+fn shutdown_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        Box::pin(async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Box::pin(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

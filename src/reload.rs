@@ -45,12 +45,28 @@ pub fn reload_now(gateway: &Gateway, path: &Path) -> bool {
             false
         }
     };
-    gateway.metrics.reload(ok);
+    // A successful reload is counted by `Gateway::reload` itself, before
+    // the swap, so the counter never lags behind the policy it reports.
+    if !ok {
+        gateway.metrics.reload(false);
+    }
     ok
 }
 
-/// Watch `path` (and SIGHUP) and reload on change.
-pub fn watch(gateway: Arc<Gateway>, path: PathBuf) -> ReloadGuard {
+/// SIGHUP, registered now. Call this before serving: until a handler is
+/// registered, SIGHUP's default action ends the process.
+#[cfg(unix)]
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+/// Watch `path` (and the `hangups` stream) and reload on change.
+#[cfg(unix)]
+pub fn watch(
+    gateway: Arc<Gateway>,
+    path: PathBuf,
+    hangups: Option<tokio::signal::unix::Signal>,
+) -> ReloadGuard {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     // Watch the directory: editors and ConfigMap updates replace the file
     // by rename, which a watch on the file itself would miss.
@@ -87,16 +103,12 @@ pub fn watch(gateway: Arc<Gateway>, path: PathBuf) -> ReloadGuard {
     if on_disk.ok() != Some(gateway.config().digest) {
         let _ = tx.send(());
     }
-    #[cfg(unix)]
-    {
+    if let Some(mut hup) = hangups {
         let tx = tx.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            if let Ok(mut hup) = signal(SignalKind::hangup()) {
-                while hup.recv().await.is_some() {
-                    if tx.send(()).is_err() {
-                        break;
-                    }
+            while hup.recv().await.is_some() {
+                if tx.send(()).is_err() {
+                    break;
                 }
             }
         });
