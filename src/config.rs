@@ -1032,19 +1032,18 @@ impl Validator<'_> {
         };
         let rules = self.routes(raw.routes, stepup.as_ref());
         let log = self.log(raw.log.unwrap_or_default());
-        if let (Some(id), true) = (&identity, true) {
-            if id.jwt.is_none() && id.trusted_header.is_none() {
-                let needs_identity = default == DefaultPolicy::Identity
-                    || rules
-                        .iter()
-                        .any(|r| matches!(r.action, Action::Identity | Action::StepUp(_)));
-                if needs_identity {
-                    self.problem(
-                        "identity",
-                        "routes need a primary identity but neither identity.jwt nor identity.trusted_header is configured",
-                    );
-                }
-            }
+        let no_identity_source = identity
+            .as_ref()
+            .is_some_and(|id| id.jwt.is_none() && id.trusted_header.is_none());
+        let needs_identity = default == DefaultPolicy::Identity
+            || rules
+                .iter()
+                .any(|r| matches!(r.action, Action::Identity | Action::StepUp(_)));
+        if no_identity_source && needs_identity {
+            self.problem(
+                "identity",
+                "routes need a primary identity but neither identity.jwt nor identity.trusted_header is configured",
+            );
         }
         Some(Config {
             file: file.to_path_buf(),
@@ -2165,6 +2164,20 @@ default: maybe
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("stepup.console"), "{e}");
+    }
+
+    #[test]
+    // A step-up route without any way to know the user is a config error,
+    // not a route that can never be reached.
+    fn routes_needing_identity_need_an_identity_source() {
+        let text = "upstream: { url: http://127.0.0.1:1 }\nstepup:\n  token: { signing_key: fedcba9876543210fedcba9876543210 }\n  console: true\ndev: true\nroutes:\n  - { name: a, path: /a/**, stepup: { max_age: 1m } }\n";
+        let e = load(text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("identity: routes need a primary identity"),
+            "{e}"
+        );
+        let ok = text.replace("stepup: { max_age: 1m }", "public: true");
+        assert!(load(&ok).is_ok());
     }
 
     #[test]
