@@ -1754,14 +1754,25 @@ impl Validator<'_> {
                 if urls.is_empty() {
                     self.problem("store.redis_cluster", "must list at least one node");
                 }
+                if s.ca_file.is_some() {
+                    self.problem(
+                        "store.ca_file",
+                        "applies to store.redis only, not to redis_cluster",
+                    );
+                }
                 Some(StoreConfig::Cluster {
                     urls: urls.into_iter().map(|u| u.0).collect(),
                     prefix,
                 })
             }
-            (None, None) => Some(StoreConfig::Memory {
-                max_entries: s.max_entries.unwrap_or(100_000) as usize,
-            }),
+            (None, None) => {
+                if s.ca_file.is_some() {
+                    self.problem("store.ca_file", "applies to store.redis only");
+                }
+                Some(StoreConfig::Memory {
+                    max_entries: s.max_entries.unwrap_or(100_000) as usize,
+                })
+            }
         }
     }
 
@@ -2178,6 +2189,26 @@ default: maybe
         );
         let ok = text.replace("stepup: { max_age: 1m }", "public: true");
         assert!(load(&ok).is_ok());
+    }
+
+    #[test]
+    // store.ca_file is never silently ignored.
+    fn store_ca_file_only_with_redis() {
+        let e = load(&format!("{BASE}store:\n  ca_file: Cargo.toml\n"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("store.ca_file: applies to store.redis only"),
+            "{e}"
+        );
+        let e = load(&format!(
+            "{BASE}store:\n  redis: redis://127.0.0.1:6379/0\n  ca_file: Cargo.toml\n"
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("only applies to rediss://"), "{e}");
     }
 
     #[test]
