@@ -1207,6 +1207,28 @@ impl Validator<'_> {
                 );
             }
             let from = self.cidrs("identity.trusted_header.from", t.from);
+            if from.iter().any(|n| n.prefix_len() == 0) {
+                self.problem(
+                    "identity.trusted_header.from",
+                    "a /0 range lets every client assert any identity; list the proxies in front",
+                );
+            }
+            for (key, name) in [("user", user.as_ref()), ("email", email.as_ref())] {
+                let Some(name) = name else { continue };
+                let n = name.as_str();
+                // Headers the gateway strips or reads itself can never carry
+                // an asserted identity (and must not look as if they did).
+                if n.starts_with("x-stepgate-")
+                    || n.starts_with("x_stepgate_")
+                    || n == "authorization"
+                    || n == "cookie"
+                {
+                    self.problem(
+                        &format!("identity.trusted_header.{key}"),
+                        format!("{n} cannot carry a trusted identity (reserved by the gateway)"),
+                    );
+                }
+            }
             Some(TrustedHeader {
                 user: user?,
                 email,
@@ -1253,6 +1275,9 @@ impl Validator<'_> {
         let from = j
             .from
             .unwrap_or_else(|| vec![raw::Str("header".into()), raw::Str("cookie".into())]);
+        if from.is_empty() {
+            self.problem("identity.jwt.from", "must list header and/or cookie");
+        }
         for (i, f) in from.iter().enumerate() {
             match f.0.as_str() {
                 "header" => from_header = true,
@@ -2209,6 +2234,47 @@ default: maybe
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(e.contains("only applies to rediss://"), "{e}");
+    }
+
+    #[test]
+    // Identity sources that are unsafe or can never work are refused.
+    fn unsafe_identity_sources_refused() {
+        let with_th = |th: &str| {
+            BASE.replace(
+                "    secret: ${JWT_SECRET}\n",
+                &format!("    secret: ${{JWT_SECRET}}\n  trusted_header: {th}\n"),
+            )
+        };
+        for (th, want) in [
+            ("{ user: X-User, from: [0.0.0.0/0] }", "a /0 range"),
+            ("{ user: X-User, from: [\"::/0\"] }", "a /0 range"),
+            (
+                "{ user: X-Stepgate-User, from: [127.0.0.1/32] }",
+                "reserved by the gateway",
+            ),
+            (
+                "{ user: Authorization, from: [127.0.0.1/32] }",
+                "reserved by the gateway",
+            ),
+        ] {
+            let e = load(&with_th(th))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(want), "{th}: {e}");
+        }
+        assert!(load(&with_th("{ user: X-User, from: [127.0.0.1/32] }")).is_ok());
+        let e = load(&BASE.replace(
+            "    algorithms: [HS256]\n",
+            "    algorithms: [HS256]\n    from: []\n",
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            e.contains("identity.jwt.from: must list header and/or cookie"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -171,7 +171,13 @@ impl Gateway {
             }
         };
         log.path.clone_from(&path);
-        let host = request_host(&req);
+        let host = match request_host(&req) {
+            Ok(h) => h,
+            Err(()) => {
+                log.outcome = Outcome::BadRequest;
+                return json_error(StatusCode::BAD_REQUEST, "bad_host", "invalid Host");
+            }
+        };
 
         let upgrade = proxy::wants_upgrade(req.headers(), req.version());
         let headers = req.headers_mut();
@@ -190,6 +196,14 @@ impl Gateway {
                 req.extensions_mut().insert(id);
             }
             Ok(None) => {}
+            Err(crate::identity::IdentityError::Ambiguous) => {
+                log.outcome = Outcome::BadRequest;
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "ambiguous_credentials",
+                    "send one primary credential",
+                );
+            }
             Err(e) => tracing::debug!(error = %e, "primary credential refused"),
         }
 
@@ -293,11 +307,10 @@ impl Gateway {
         }
         proxy::set_forwarded(headers, &conn, host.as_deref());
         if let Some(h) = &host {
-            // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams need Host.
-            if !headers.contains_key(HOST) {
-                if let Ok(v) = HeaderValue::from_str(h) {
-                    headers.insert(HOST, v);
-                }
+            // The host the rules matched is the host the app reads (HTTP/2
+            // carries it in :authority; HTTP/1.1 upstreams need Host).
+            if let Ok(v) = HeaderValue::from_str(h) {
+                headers.insert(HOST, v);
             }
         }
         let uri = match state.proxy.upstream_uri(&path, req.uri().query()) {
@@ -370,13 +383,34 @@ fn same_rule(a: Option<&Rule>, b: Option<&Rule>) -> bool {
     }
 }
 
-/// The host the client asked for: `Host`, else the URI authority (HTTP/2).
-pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.headers()
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+/// The host the client asked for: the URI authority (HTTP/2, absolute-form),
+/// else `Host`. Refused (RFC 9112 3.2) when there are several `Host`
+/// headers or the value is not `host[:port]`: rules must match the host the
+/// app will read.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Result<Option<String>, ()> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(());
+    }
+    let header = match header {
+        Some(v) => Some(v.to_str().map_err(|_| ())?),
+        None => None,
+    };
+    // An authority in the target (absolute-form, HTTP/2 :authority) wins
+    // over Host (RFC 9112 3.2.2); the forwarded Host is set to it.
+    let host = req.uri().authority().map(|a| a.as_str()).or(header);
+    match host {
+        Some(h)
+            if h.is_empty()
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b)) =>
+        {
+            Err(())
+        }
+        h => Ok(h.map(str::to_string)),
+    }
 }
 
 /// `X-Stepgate-User` and `X-Stepgate-Email` values for an identity (a value

@@ -41,6 +41,10 @@ pub enum IdentityError {
     Rejected(String),
     #[error("claim {0:?} missing or not a string")]
     Claim(String),
+    /// More than one different primary credential: the gateway would check
+    /// one and the app might read another, so the request is refused.
+    #[error("more than one primary credential")]
+    Ambiguous,
 }
 
 /// Turns request headers into an [`Identity`].
@@ -79,7 +83,7 @@ impl Authenticator {
         peer: IpAddr,
     ) -> Result<Option<Identity>, IdentityError> {
         if let Some(jwt) = &self.cfg.jwt {
-            if let Some(token) = bearer_or_cookie(jwt, headers) {
+            if let Some(token) = bearer_or_cookie(jwt, headers)? {
                 return self.verify_jwt(jwt, token).map(Some);
             }
         }
@@ -177,20 +181,52 @@ fn string_claim(claims: &Map<String, Value>, name: &str) -> Option<String> {
     claims.get(name).and_then(Value::as_str).map(str::to_string)
 }
 
-fn bearer_or_cookie<'a>(jwt: &config::Jwt, headers: &'a HeaderMap) -> Option<&'a str> {
+/// The one primary token a request carries in the configured places
+/// (bearer header, identity cookie). Several *different* tokens are
+/// refused rather than one picked: the app behind might read another.
+fn bearer_or_cookie<'a>(
+    jwt: &'a config::Jwt,
+    headers: &'a HeaderMap,
+) -> Result<Option<&'a str>, IdentityError> {
+    let mut found: Option<&str> = None;
+    let mut add = |t: &'a str| match found {
+        Some(f) if f != t => Err(IdentityError::Ambiguous),
+        _ => {
+            found = Some(t);
+            Ok(())
+        }
+    };
     if jwt.from_header {
-        if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        for v in headers
+            .get_all(AUTHORIZATION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
             if let Some((scheme, token)) = v.split_once(' ') {
                 if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-                    return Some(token.trim());
+                    add(token.trim())?;
                 }
             }
         }
     }
     if jwt.from_cookie {
-        return cookie(headers, &jwt.cookie);
+        for t in cookies(headers, &jwt.cookie) {
+            add(t)?;
+        }
     }
-    None
+    Ok(found)
+}
+
+/// Every value of cookie `name` in the request's `Cookie` headers.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(move |(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

@@ -959,3 +959,62 @@ async fn gateway_is_a_tower_service() {
         assert_eq!(res.status(), want, "{path}");
     }
 }
+
+#[tokio::test]
+// Two different primary credentials are refused: the gateway must never
+// check one while the app reads the other.
+async fn ambiguous_primary_credentials_are_refused() {
+    let (up, gw) = setup().await;
+    let alice = primary_token("alice", None, None, None);
+    let bob = primary_token("bob", None, None, None);
+    let (auth_alice, cookie_bob) = (bearer(&alice), format!("access_token={bob}"));
+    let res = get(
+        &gw.url("/account/x"),
+        &[("authorization", &auth_alice), ("cookie", &cookie_bob)],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(res.json()["error"], "ambiguous_credentials");
+    let both = format!("access_token={alice}; access_token={bob}");
+    assert_eq!(
+        get(&gw.url("/account/x"), &[("cookie", &both)])
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(up.hits(), 0);
+    // The same token in header and cookie is one credential.
+    let same = format!("access_token={alice}");
+    assert_eq!(
+        get(
+            &gw.url("/account/x"),
+            &[("authorization", &auth_alice), ("cookie", &same)]
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+// Host values the app could read differently from the gateway are refused;
+// an absolute-form target's authority is the host matched and forwarded.
+async fn host_is_unambiguous() {
+    let (_up, gw) = setup().await;
+    for head in [
+        "Host: a.example.com\r\nHost: admin.example.com",
+        "Host: admin.example.com:1@x.example.com",
+        "Host: a b",
+    ] {
+        let resp = raw(
+            gw.addr,
+            format!("GET /x HTTP/1.1\r\n{head}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(raw_status(&resp), 400, "{head}: {resp}");
+    }
+    let resp = raw(gw.addr, b"GET http://admin.example.com/x HTTP/1.1\r\nHost: other.example.com\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&resp), 200, "{resp}");
+    assert!(resp.contains(r#""host":"admin.example.com""#), "{resp}");
+    assert!(!resp.contains("other.example.com"), "{resp}");
+}

@@ -528,6 +528,18 @@ async fn freshness_one_time_and_logout(redis: bool) {
         .header("set-cookie")
         .unwrap_or_default()
         .contains("Max-Age=0"));
+    // A cross-site form (form content types) cannot trigger a logout.
+    let res = request(
+        Method::POST,
+        &env.gw.url("/.stepgate/api/logout"),
+        &[
+            ("authorization", &u.auth),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(
         protected(&env.gw, "/admin/x", &u, &token).await.status,
         StatusCode::UNAUTHORIZED

@@ -160,6 +160,9 @@ pub(super) async fn serve(
         "/api/methods" if req.method() == Method::GET => Ok(methods(s, id)),
         "/api/otp" if post => start_api(s, read_json(req).await, id, conn).await,
         "/api/otp/verify" if post => verify_api(s, read_json(req).await, id, conn).await,
+        // A cross-site HTML form can only send these three types; refusing
+        // them keeps logout from being triggered from another site.
+        "/api/logout" if post && is_form_type(req.headers()) => Err(ApiError::UnsupportedMediaType),
         "/api/logout" if post => logout(s, req.headers(), id, conn).await,
         _ => Err(ApiError::MethodNotAllowed),
     };
@@ -185,6 +188,21 @@ fn methods(s: &Stepup, id: &Identity) -> Response<Body> {
 /// JSON content type also keeps cross-site form posts out (they cannot set
 /// it without a CORS preflight).
 type JsonObject = serde_json::Map<String, Value>;
+
+/// A content type an HTML form can send cross-site without a preflight.
+fn is_form_type(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase())
+        .is_some_and(|t| {
+            matches!(
+                t.as_str(),
+                "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+            )
+        })
+}
 
 async fn read_json(req: Request<Body>) -> Result<JsonObject, ApiError> {
     let is_json = req

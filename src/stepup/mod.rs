@@ -41,6 +41,12 @@ pub(crate) struct Stashed {
     pub body: String,
 }
 
+/// Where a session's stashed form post lives. One per session: a newer
+/// post replaces the older one, so no client can pile up stashes.
+fn stash_key(id: &Identity) -> String {
+    format!("stash:{}", session_hash(&id.session))
+}
+
 /// A browser submitting a plain HTML form.
 fn is_browser_form_post<B>(req: &Request<B>) -> bool {
     let header = |name| {
@@ -250,16 +256,17 @@ impl Stepup {
         // Too big to keep: the challenge still works, the form is not replayed.
         if declared.is_some_and(|n| n <= self.cfg.stash_max_bytes) {
             if let Ok(body) = api::read_body(req.into_body(), self.cfg.stash_max_bytes).await {
+                let stash = crate::otp::random_id();
                 let blob = serde_json::json!({
+                    "i": stash,
                     "s": session_hash(&id.session),
                     "t": target,
                     "b": String::from_utf8_lossy(&body),
                 });
-                let stash = crate::otp::random_id();
                 let ttl = self.cfg.otp.ttl + Duration::from_secs(300);
                 match self
                     .store
-                    .put_blob(&format!("stash:{stash}"), blob.to_string().as_bytes(), ttl)
+                    .put_blob(&stash_key(id), blob.to_string().as_bytes(), ttl)
                     .await
                 {
                     Ok(()) => {
@@ -279,14 +286,11 @@ impl Stepup {
 
     /// Take a stashed form post of this session.
     async fn take_stash(&self, stash: &str, id: &Identity) -> Option<Stashed> {
-        let bytes = self
-            .store
-            .take_blob(&format!("stash:{stash}"))
-            .await
-            .ok()
-            .flatten()?;
+        let bytes = self.store.take_blob(&stash_key(id)).await.ok().flatten()?;
         let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        if v["s"].as_str() != Some(session_hash(&id.session).as_str()) {
+        if v["i"].as_str() != Some(stash)
+            || v["s"].as_str() != Some(session_hash(&id.session).as_str())
+        {
             return None;
         }
         Some(Stashed {
