@@ -297,10 +297,7 @@ async fn lockout_spans_challenges_and_resend_does_not_reset_it(redis: bool) {
     }
     let last = last.expect("at least one attempt");
     assert_eq!(last.status, StatusCode::LOCKED, "{}", last.text());
-    let retry: u64 = last
-        .header("retry-after")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let retry = last.retry_after();
     assert!((890..=900).contains(&retry), "retry-after {retry}");
     let res = start_otp(&env.gw, &u, "email").await;
     assert_eq!(res.status, StatusCode::LOCKED);
@@ -326,10 +323,7 @@ async fn cooldown_and_hourly_cap_answer_429_with_retry_after(redis: bool) {
     let res = start_otp(&env.gw, &u, "email").await;
     assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(res.json()["error"], "too_soon");
-    let retry: u64 = res
-        .header("retry-after")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let retry = res.retry_after();
     assert!((1..=30).contains(&retry), "retry-after {retry}");
     // The other channel has its own cooldown.
     assert_eq!(
@@ -352,10 +346,7 @@ async fn cooldown_and_hourly_cap_answer_429_with_retry_after(redis: bool) {
     let res = start_otp(&env.gw, &u, "email").await;
     assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(res.json()["error"], "too_many_codes");
-    let retry: u64 = res
-        .header("retry-after")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let retry = res.retry_after();
     assert!((3500..=3600).contains(&retry), "retry-after {retry}");
 }
 

@@ -172,6 +172,13 @@ impl TestResponse {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// `Retry-After` in seconds (0 when absent or unparsable).
+    pub fn retry_after(&self) -> u64 {
+        self.header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The echo upstream's view of a request header.
     pub fn upstream_header(&self, name: &str) -> Option<String> {
         self.json()["headers"][name].as_str().map(str::to_string)
