@@ -24,6 +24,14 @@ pub const ISSUER: &str = "stepgate";
 /// `aud` of every second-factor token.
 pub const AUDIENCE: &str = "stepgate:second-factor";
 
+/// Seconds a token is still accepted past its `exp`: clock skew between
+/// gateway instances sharing a key is the only leeway needed.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// Extra life given to every spent or revoked mark beyond the last instant
+/// its token can be accepted.
+const MARK_MARGIN: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     iss: String,
@@ -87,9 +95,9 @@ impl Tokens {
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        // The token's own lifetime is short; clock skew between gateway
-        // instances sharing a key is the only leeway needed.
-        validation.leeway = 5;
+        // `exp` is checked in whole seconds: a token is accepted while
+        // `floor(now) <= exp + LEEWAY_SECS`; see `mark_ttl`.
+        validation.leeway = LEEWAY_SECS;
         Tokens {
             algorithm,
             encoding,
@@ -159,6 +167,24 @@ impl Tokens {
     }
 }
 
+/// How long a mark on a token (spent for a `one_time` rule, revoked at
+/// logout) must live from now: past every instant the token with this `exp`
+/// can still be accepted, so the token can never come back.
+///
+/// Verification compares whole seconds with leeway, so the token is
+/// accepted up to (not including) the instant `exp + LEEWAY_SECS + 1`; the
+/// mark lives until then plus `MARK_MARGIN`, rounded up to whole seconds.
+pub fn mark_ttl(exp: u64) -> Duration {
+    mark_ttl_at(exp, SystemTime::now())
+}
+
+fn mark_ttl_at(exp: u64, now: SystemTime) -> Duration {
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let accepted_until = Duration::from_secs(exp.saturating_add(LEEWAY_SECS).saturating_add(1));
+    let left = accepted_until.saturating_sub(now) + MARK_MARGIN;
+    Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))
+}
+
 /// The session binding written into tokens: a hash, never the session.
 pub fn session_hash(session: &str) -> String {
     let digest = Sha256::digest(session.as_bytes());
@@ -220,6 +246,52 @@ mod tests {
         assert_eq!(sf.session, session_hash("sid:1"));
         assert_eq!(sf.channel, Channel::Sms);
         assert!(sf.exp - sf.auth_time <= 900);
+    }
+
+    #[test]
+    // Expiry edges: the mark on a token outlives the last instant the token
+    // is accepted (whole-second `exp` check plus leeway), from any
+    // sub-second starting point, and by at least the margin.
+    fn expiry_edge_marks_outlive_acceptance() {
+        let exp = 1_000_000u64;
+        let last_accepted = exp + LEEWAY_SECS; // floor(now) == this still passes
+        for start in [exp - 900, exp - 1, exp, last_accepted, last_accepted + 1] {
+            for millis in [0u64, 1, 499, 500, 999] {
+                let now = UNIX_EPOCH + Duration::from_secs(start) + Duration::from_millis(millis);
+                let ttl = mark_ttl_at(exp, now);
+                assert_eq!(ttl.subsec_nanos(), 0, "whole seconds");
+                let mark_until = now + ttl;
+                let need = UNIX_EPOCH + Duration::from_secs(last_accepted + 1) + MARK_MARGIN;
+                assert!(
+                    mark_until >= need,
+                    "start {start}.{millis:03}: mark ends {mark_until:?}, token accepted until {need:?}"
+                );
+                assert!(ttl >= MARK_MARGIN);
+            }
+        }
+    }
+
+    #[test]
+    // Expiry edges: the acceptance window `mark_ttl` assumes is the one
+    // verification applies (a token `LEEWAY_SECS` past `exp` still passes,
+    // one a second beyond that is refused).
+    fn expiry_edge_leeway_matches_verification() {
+        let t = tokens(&[1; 32]);
+        let sign = |exp: u64| {
+            let claims = serde_json::json!({
+                "iss": ISSUER, "aud": AUDIENCE, "sub": "a", "ses": "s", "amr": ["otp", "email"],
+                "auth_time": exp.saturating_sub(60), "iat": exp.saturating_sub(60), "exp": exp, "jti": "j",
+            });
+            let mut header = Header::new(Algorithm::HS256);
+            header.typ = Some(TOKEN_TYPE.into());
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&[1; 32]))
+                .unwrap_or_default()
+        };
+        // One second of slack on each side for the clock ticking mid-test.
+        let inside = sign(unix_now() - LEEWAY_SECS + 1);
+        assert!(t.verify(&inside).is_ok());
+        let outside = sign(unix_now() - LEEWAY_SECS - 2);
+        assert_eq!(t.verify(&outside), Err(TokenError::Expired));
     }
 
     #[test]

@@ -101,6 +101,7 @@ both_stores!(
     parallel_verifies_give_exactly_one_token,
     codes_and_tokens_are_bound_to_user_and_session,
     freshness_one_time_and_logout,
+    expiry_edge_spent_and_revoked_tokens_stay_dead_until_no_longer_accepted,
     malformed_requests_get_4xx,
     delivery_failure_is_502_and_costs_nothing,
 );
@@ -534,6 +535,98 @@ async fn freshness_one_time_and_logout(redis: bool) {
     assert_eq!(
         protected(&env.gw, "/admin/x", &u, &token).await.status,
         StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(env.up.hits(), 2);
+}
+
+/// A numeric claim of a token (read without verifying; the gateway verifies).
+fn token_claim(token: &str, name: &str) -> u64 {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url payload"),
+    )
+    .expect("JSON claims");
+    claims[name].as_u64().expect("numeric claim")
+}
+
+// Expiry edges (#10.5): a spent one_time token and a revoked token are
+// presented again and again until the gateway can no longer accept them,
+// including in the last second it would (whole seconds: `exp` plus leeway,
+// `auth_time` plus the rule's max_age, whichever ends first); their marks
+// must outlive that, so every presentation is refused.
+async fn expiry_edge_spent_and_revoked_tokens_stay_dead_until_no_longer_accepted(redis: bool) {
+    const LIFETIME: u64 = 2;
+    let otp = OTP.replace("resend_after: 30s", "resend_after: 0s");
+    let env = Env::start_edited(redis, &otp, |yaml| {
+        let key = format!("    signing_key: {STEPUP_KEY}\n");
+        yaml.replacen(&key, &format!("{key}    lifetime: {LIFETIME}s\n"), 1)
+            .replace("max_age: 5m", &format!("max_age: {LIFETIME}s"))
+            .replace("max_age: 1m", &format!("max_age: {LIFETIME}s"))
+    })
+    .await;
+    let u = user("edgar", None);
+    let spent = step_up(&env, &u, 0).await;
+    let revoked = step_up(&env, &u, 1).await;
+    assert_eq!(
+        protected(&env.gw, "/billing/export", &u, &spent)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &revoked).await.status,
+        StatusCode::OK
+    );
+    let res = request(
+        Method::POST,
+        &env.gw.url("/.stepgate/api/logout"),
+        &[
+            ("authorization", &u.auth),
+            ("x-second-factor-token", &revoked),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT);
+
+    // The last whole second in which the gateway would accept each token.
+    let last = |t: &str| {
+        (token_claim(t, "exp") + stepgate::token::LEEWAY_SECS)
+            .min(token_claim(t, "auth_time") + LIFETIME)
+    };
+    let last_accepted = last(&spent).max(last(&revoked));
+    let (mut presented, mut in_last_second) = (0, 0);
+    loop {
+        let before = stepgate::token::unix_now();
+        if before > last_accepted {
+            break;
+        }
+        let again = protected(&env.gw, "/billing/export", &u, &spent).await;
+        let back = protected(&env.gw, "/admin/x", &u, &revoked).await;
+        assert_eq!(
+            again.status,
+            StatusCode::UNAUTHORIZED,
+            "spent token accepted again"
+        );
+        assert_eq!(
+            back.status,
+            StatusCode::UNAUTHORIZED,
+            "revoked token came back"
+        );
+        presented += 1;
+        // Checked entirely within the last second the tokens are accepted.
+        if before == last_accepted && stepgate::token::unix_now() == last_accepted {
+            in_last_second += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(presented > 10, "only {presented} presentations");
+    assert!(
+        in_last_second > 0,
+        "no presentation in the last accepted second"
     );
     assert_eq!(env.up.hits(), 2);
 }

@@ -69,6 +69,7 @@ contract!(
     one_consume_wins,
     spend_once_is_once,
     revocation,
+    expiry_edge_marks_outlive_token_acceptance,
     blobs_are_taken_once,
     subjects_are_isolated,
 );
@@ -451,6 +452,31 @@ async fn revocation(store: Store) {
     // Waiting out the revocation's ttl is the behaviour under test.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(!ok(store.is_revoked("jti-3").await));
+}
+
+// Expiry edges (#10.5): a spent or revoked mark written with the ttl the
+// gateway uses must still be there in the last second its token can be
+// accepted (whole-second `exp` plus leeway). The token here is in that
+// last second from the start, so the test takes about a second.
+async fn expiry_edge_marks_outlive_token_acceptance(store: Store) {
+    use stepgate::token::{mark_ttl, unix_now, LEEWAY_SECS};
+    let exp = unix_now() - LEEWAY_SECS;
+    assert!(ok(store.spend_once("edge-spent", mark_ttl(exp)).await));
+    ok(store.revoke("edge-revoked", mark_ttl(exp)).await);
+    let mut checks = 0;
+    while unix_now() <= exp + LEEWAY_SECS {
+        assert!(
+            !ok(store.spend_once("edge-spent", mark_ttl(exp)).await),
+            "spent twice while the token is still accepted"
+        );
+        assert!(
+            ok(store.is_revoked("edge-revoked").await),
+            "revocation gone while the token is still accepted"
+        );
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(checks > 0);
 }
 
 // Protects against a stashed request or CSRF nonce being used twice or outliving its ttl.

@@ -466,7 +466,7 @@ async fn logout(
         .and_then(|t| s.tokens.verify(t).ok())
     {
         if sf.subject == id.subject {
-            let ttl = Duration::from_secs(sf.exp.saturating_sub(crate::token::unix_now()).max(1));
+            let ttl = crate::token::mark_ttl(sf.exp);
             s.store.revoke(&sf.jti, ttl).await.map_err(|e| {
                 tracing::error!(error = %e, "cannot revoke token");
                 ApiError::Unavailable

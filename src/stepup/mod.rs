@@ -179,7 +179,7 @@ impl Stepup {
             }
         }
         if need.one_time {
-            let ttl = Duration::from_secs(sf.exp.saturating_sub(unix_now()).max(1));
+            let ttl = crate::token::mark_ttl(sf.exp);
             match self.store.spend_once(&sf.jti, ttl).await {
                 Ok(true) => {
                     let ctx = AuditContext {

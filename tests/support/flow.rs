@@ -29,6 +29,11 @@ pub fn stepup_yaml(smtp_port: u16, sms_url: &str, otp: &str) -> String {
 
 impl Env {
     pub async fn start(redis: bool, otp: &str) -> Env {
+        Env::start_edited(redis, otp, |yaml| yaml).await
+    }
+
+    /// Like `start`, with the config text passed through `edit` first.
+    pub async fn start_edited(redis: bool, otp: &str, edit: impl FnOnce(String) -> String) -> Env {
         let up = Upstream::start().await;
         let smtp = SmtpServer::start();
         let sms = HttpSink::start(200).await;
@@ -37,11 +42,11 @@ impl Env {
             .as_ref()
             .map(|r| format!("store:\n  redis: {}\n  prefix: \"test:\"\n", r.url()))
             .unwrap_or_default();
-        let yaml = config_yaml(
+        let yaml = edit(config_yaml(
             &up.url(),
             &stepup_yaml(smtp.port(), &sms.url(), otp),
             &store,
-        );
+        ));
         let gw = TestGateway::start(&yaml).await;
         Env {
             up,
