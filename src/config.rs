@@ -1065,10 +1065,12 @@ impl Validator<'_> {
         let tls = l.tls.and_then(|t| {
             let cert = self.existing_file("listen.tls.cert", &t.cert.0);
             let key = self.existing_file("listen.tls.key", &t.key.0);
-            Some(TlsFiles {
+            let files = TlsFiles {
                 cert: cert?,
                 key: key?,
-            })
+            };
+            self.tls_files(&files);
+            Some(files)
         });
         let max_header_bytes = match l.max_header_bytes {
             None => 16 * 1024,
@@ -1115,6 +1117,23 @@ impl Validator<'_> {
             drain_timeout,
             trusted_proxies,
         })
+    }
+
+    /// Load the certificate and key as the server will, so that a file
+    /// `run` would refuse is a located error here.
+    fn tls_files(&mut self, files: &TlsFiles) {
+        let certs = crate::server::tls_certs(&files.cert)
+            .map_err(|e| self.problem("listen.tls.cert", format!("cannot load {e}")));
+        let key = crate::server::tls_key(&files.key)
+            .map_err(|e| self.problem("listen.tls.key", format!("cannot load {e}")));
+        if let (Ok(certs), Ok(key)) = (certs, key) {
+            if let Err(e) = crate::server::tls_server_config(certs, key) {
+                self.problem(
+                    "listen.tls.key",
+                    format!("does not fit the certificate in {}: {e}", files.cert.display()),
+                );
+            }
+        }
     }
 
     fn cidrs(&mut self, key: &str, list: Vec<raw::Str>) -> Vec<IpNet> {
@@ -1173,6 +1192,12 @@ impl Validator<'_> {
         let ca_file = u
             .ca_file
             .and_then(|f| self.existing_file("upstream.ca_file", &f.0));
+        if let Some(path) = &ca_file {
+            let mut roots = rustls::RootCertStore::empty();
+            if let Err(e) = crate::proxy::add_ca_file(&mut roots, path) {
+                self.problem("upstream.ca_file", format!("cannot load {e}"));
+            }
+        }
         let pool_idle_timeout = self.duration(
             "upstream.pool_idle_timeout",
             u.pool_idle_timeout,
@@ -1303,7 +1328,9 @@ impl Validator<'_> {
                 Err(_) => self.problem(&key, format!("unknown algorithm {:?}", a.0)),
             }
         }
-        if algorithms.is_empty() && self.problems.is_empty() {
+        // Only when nothing is listed: a list of unusable entries has
+        // already been reported entry by entry.
+        if algorithms_raw.is_empty() {
             self.problem(
                 "identity.jwt.algorithms",
                 "must list at least one algorithm",
@@ -1459,7 +1486,7 @@ impl Validator<'_> {
                     sms.timeout.clone(),
                     Duration::from_secs(10),
                 );
-                (self.sms(sms), timeout)
+                (self.sms(sms, timeout), timeout)
             }
             None => (None, Duration::from_secs(10)),
         };
@@ -1612,6 +1639,7 @@ impl Validator<'_> {
     }
 
     fn email(&mut self, e: raw::Email) -> Option<EmailSettings> {
+        let before = self.problems.len();
         let security = match e.smtp.security.as_ref().map(|s| s.0.as_str()) {
             None | Some("starttls") => SmtpSecurity::StartTls,
             Some("tls") => SmtpSecurity::Tls,
@@ -1661,6 +1689,11 @@ impl Validator<'_> {
             timeout,
             ca_file,
         };
+        if self.problems.len() > before {
+            // A problem already reported (an unreadable password_file, say)
+            // would only show up again as a misleading follow-on error.
+            return None;
+        }
         if let Err(msg) = crate::delivery::email::EmailNotifier::new(settings.clone()) {
             self.problem("stepup.email", msg);
             return None;
@@ -1668,13 +1701,15 @@ impl Validator<'_> {
         Some(settings)
     }
 
-    fn sms(&mut self, s: raw::Sms) -> Option<SmsSettings> {
+    fn sms(&mut self, s: raw::Sms, timeout: Duration) -> Option<SmsSettings> {
+        let before = self.problems.len();
         let settings = self.sms_settings(s)?;
-        // What only the notifier checks (Twilio SID shape, header values)
-        // is a config error too, not a start-up failure.
-        if let Err(msg) =
-            crate::delivery::sms::SmsNotifier::new(settings.clone(), Duration::from_secs(10))
-        {
+        if self.problems.len() > before {
+            return None;
+        }
+        // What only the notifier checks (Twilio SID shape, header values,
+        // a zero timeout) is a config error too, not a start-up failure.
+        if let Err(msg) = crate::delivery::sms::SmsNotifier::new(settings.clone(), timeout) {
             self.problem("stepup.sms", msg);
             return None;
         }
@@ -1739,7 +1774,66 @@ impl Validator<'_> {
     }
 
     fn store(&mut self, s: raw::Store) -> Option<StoreConfig> {
+        let before = self.problems.len();
+        let store = self.store_settings(s)?;
+        if self.problems.len() > before {
+            return None;
+        }
+        // Build the client as `run` will (it connects lazily, so Redis need
+        // not be up): what it refuses is refused here, at its key.
+        match &store {
+            StoreConfig::Memory { .. } => {}
+            StoreConfig::Redis {
+                url,
+                prefix,
+                ca_file,
+            } => {
+                let ca = ca_file.as_ref().and_then(|path| {
+                    std::fs::read(path)
+                        .map_err(|e| {
+                            self.problem(
+                                "store.ca_file",
+                                format!("cannot read {}: {e}", path.display()),
+                            )
+                        })
+                        .ok()
+                });
+                if ca_file.is_some() && ca.is_none() {
+                    return None;
+                }
+                // The Redis client takes the PEM as it is; a file without a
+                // certificate would only fail at the first connection.
+                if let Some(path) = ca_file {
+                    let mut roots = rustls::RootCertStore::empty();
+                    if let Err(e) = crate::proxy::add_ca_file(&mut roots, path) {
+                        self.problem("store.ca_file", format!("cannot load {e}"));
+                        return None;
+                    }
+                }
+                let key = if ca.is_some() { "store.ca_file" } else { "store.redis" };
+                if let Err(e) = crate::store::RedisStore::with_ca(url, prefix, ca) {
+                    self.problem(key, e.to_string());
+                    return None;
+                }
+            }
+            StoreConfig::Cluster { urls, prefix } => {
+                if let Err(e) = crate::store::RedisStore::cluster(urls, prefix) {
+                    self.problem("store.redis_cluster", e.to_string());
+                    return None;
+                }
+            }
+        }
+        Some(store)
+    }
+
+    fn store_settings(&mut self, s: raw::Store) -> Option<StoreConfig> {
         let prefix = s.prefix.map(|p| p.0).unwrap_or_else(|| "stepgate:".into());
+        let redis_used = s.redis.is_some() || s.redis_cluster.is_some();
+        if redis_used {
+            if let Err(e) = crate::store::redis::check_prefix(&prefix) {
+                self.problem("store.prefix", e);
+            }
+        }
         match (s.redis, s.redis_cluster) {
             (Some(_), Some(_)) => {
                 self.problem("store", "give either redis or redis_cluster, not both");
@@ -1778,6 +1872,14 @@ impl Validator<'_> {
             (None, Some(urls)) => {
                 if urls.is_empty() {
                     self.problem("store.redis_cluster", "must list at least one node");
+                }
+                for (i, url) in urls.iter().enumerate() {
+                    if let Err(e) = redis::Client::open(url.0.as_str()) {
+                        self.problem(
+                            &format!("store.redis_cluster[{i}]"),
+                            format!("invalid Redis URL: {e}"),
+                        );
+                    }
                 }
                 if s.ca_file.is_some() {
                     self.problem(
@@ -2169,6 +2271,29 @@ default: maybe
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
+    }
+
+    #[test]
+    // Every problem at once: an empty algorithm list is reported even when
+    // an unrelated key earlier in the file is bad too (it used to be
+    // skipped whenever any problem had been found before it).
+    fn empty_algorithms_reported_beside_unrelated_problem() {
+        let text = BASE
+            .replace("  url: http://127.0.0.1:3000\n", "  url: ftp://x\n")
+            .replace("algorithms: [HS256]", "algorithms: []");
+        let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("gateway.yaml:2:8: upstream.url: invalid URL"), "{e}");
+        assert!(
+            e.contains("gateway.yaml:5:5: identity.jwt.algorithms: must list at least one algorithm"),
+            "{e}"
+        );
+        // A list whose every entry is refused is reported entry by entry.
+        let e = load(&BASE.replace("algorithms: [HS256]", "algorithms: [none]"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("alg none is never accepted"), "{e}");
+        assert!(!e.contains("must list at least one"), "{e}");
     }
 
     #[test]

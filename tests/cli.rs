@@ -770,6 +770,154 @@ fn bad_redis_url() {
         .count(1);
 }
 
+/// `stepgate check` refuses `file`, and `stepgate run` refuses it with the
+/// very same lines: check is exactly as strict as run.
+fn refused_by_check_and_run(file: ConfigFile) -> Invalid {
+    let e = check_invalid(file);
+    let (code, out, err) = run_cli(&["run", "-c", &e.file.path()], None, &[]);
+    assert_eq!(code, 1, "run must refuse too\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(err, e.stderr, "run must refuse with check's lines");
+    e
+}
+
+/// A dev CA and server certificate for localhost in `dir`, made by the
+/// script the README tells operators to use: (cert, key, ca).
+fn dev_cert(dir: &Path) -> (String, String, String) {
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/certs/gen-dev-cert.sh"))
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("gen-dev-cert.sh runs");
+    assert!(status.success());
+    (
+        path_str(&dir.join("server.crt")),
+        path_str(&dir.join("server.key")),
+        path_str(&dir.join("ca.crt")),
+    )
+}
+
+#[test]
+// Check as strict as run: a Redis key prefix with hash-tag braces, which
+// the store refuses at start-up, is a located check error (and only where
+// a Redis store uses the prefix).
+fn check_as_strict_as_run_redis_prefix() {
+    let y = base_with(
+        "default: pass\n",
+        "store:\n  redis: redis://127.0.0.1:6379/0\n  prefix: \"a{b}\"\ndefault: pass\n",
+    );
+    refused_by_check_and_run(ConfigFile::new(&y))
+        .has(
+            at(&y, "\"a{b}\""),
+            "store.prefix: redis key prefix \"a{b}\" may not contain '{' or '}'",
+        )
+        .count(1);
+    let y = base_with(
+        "default: pass\n",
+        "store:\n  redis_cluster: [redis://127.0.0.1:7000]\n  prefix: \"x}\"\ndefault: pass\n",
+    );
+    refused_by_check_and_run(ConfigFile::new(&y))
+        .has(at(&y, "\"x}\""), "store.prefix: redis key prefix")
+        .count(1);
+    // Each cluster node URL is checked where it is written.
+    let y = base_with(
+        "default: pass\n",
+        "store:\n  redis_cluster: [redis://127.0.0.1:7000, \"nope\"]\ndefault: pass\n",
+    );
+    refused_by_check_and_run(ConfigFile::new(&y))
+        .has(at(&y, "\"nope\""), "store.redis_cluster[1]: invalid Redis URL")
+        .count(1);
+}
+
+#[test]
+// Check as strict as run: a secret file that cannot be read is one problem,
+// not also a misleading "username and password must be set together".
+fn check_as_strict_as_run_unreadable_password_file() {
+    let y = base_with(
+        "  console: true\n",
+        "  console: true\n  email:\n    smtp: { host: 127.0.0.1, port: 2525, security: none, username: u, password_file: smtp.pass }\n    from: \"Security <no-reply@example.com>\"\n",
+    );
+    let e = refused_by_check_and_run(ConfigFile::new(&y));
+    e.has(
+        at(&y, "smtp.pass"),
+        &format!(
+            "stepup.email.smtp.password_file: cannot read {}:",
+            e.file.sibling("smtp.pass")
+        ),
+    )
+    .count(1);
+}
+
+#[test]
+// Check as strict as run: an SMS timeout the notifier refuses at start-up.
+fn check_as_strict_as_run_sms_timeout() {
+    let y = base_with(
+        "  console: true\n",
+        "  console: true\n  sms:\n    webhook: { url: http://127.0.0.1:9/send }\n    timeout: 0s\n",
+    );
+    refused_by_check_and_run(ConfigFile::new(&y))
+        .has(at(&y, "sms:"), "stepup.sms: sms: timeout is zero")
+        .count(1);
+}
+
+#[test]
+// Check as strict as run: certificate and CA files are loaded by check as
+// the server, the upstream client and the Redis client load them, so a file
+// that exists but holds no usable certificate or key is a located error.
+fn check_as_strict_as_run_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = path_str(&dir.path().join("garbage.pem"));
+    std::fs::write(&garbage, "not a PEM file\n").expect("write");
+    let (crt, key, ca) = dev_cert(&dir.path().join("a"));
+    let (_, other_key, _) = dev_cert(&dir.path().join("b"));
+    let tls = |cert: &str, key: &str| {
+        base_with(
+            "  address: 127.0.0.1:8080\n",
+            &format!("  address: 127.0.0.1:8080\n  tls: {{ cert: {cert}, key: {key} }}\n"),
+        )
+    };
+    let refused = |y: &str, want: &str| {
+        let e = refused_by_check_and_run(ConfigFile::new(y));
+        assert!(e.stderr.contains(want), "no {want:?} in:\n{}", e.stderr);
+        e.count(1);
+    };
+    // Sound files pass, so each failure below is that file's fault.
+    check_ok(&tls(&crt, &key));
+    refused(
+        &tls(&garbage, &key),
+        &format!("listen.tls.cert: cannot load {garbage}: no certificate found"),
+    );
+    refused(
+        &tls(&crt, &garbage),
+        &format!("listen.tls.key: cannot load {garbage}:"),
+    );
+    refused(
+        &tls(&crt, &other_key),
+        &format!("listen.tls.key: does not fit the certificate in {crt}:"),
+    );
+
+    let upstream = |ca_file: &str| {
+        base_with(
+            "  url: http://127.0.0.1:3000\n",
+            &format!("  url: https://127.0.0.1:3000\n  ca_file: {ca_file}\n"),
+        )
+    };
+    check_ok(&upstream(&ca));
+    refused(
+        &upstream(&garbage),
+        &format!("upstream.ca_file: cannot load {garbage}: no certificate found"),
+    );
+
+    let store = |ca_file: &str| {
+        base_with(
+            "default: pass\n",
+            &format!("store:\n  redis: rediss://127.0.0.1:6380/0\n  ca_file: {ca_file}\ndefault: pass\n"),
+        )
+    };
+    check_ok(&store(&ca));
+    refused(&store(&garbage), "store.ca_file: ");
+}
+
 #[test]
 // One run reports every problem, each at its own line, in file order.
 fn several_errors_reported_together() {

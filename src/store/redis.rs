@@ -236,6 +236,18 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Whether `prefix` can start every key: braces would change the hash slot
+/// the keys of one user fall in (Redis Cluster hash tags). The config
+/// loader checks this too, so `stepgate check` refuses what `run` would.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.contains(['{', '}']) {
+        return Err(format!(
+            "redis key prefix {prefix:?} may not contain '{{' or '}}'"
+        ));
+    }
+    Ok(())
+}
+
 impl RedisStore {
     /// A store on one Redis node at `url`, with every key under `prefix`.
     /// Fails only on a malformed URL or prefix; Redis need not be up.
@@ -279,11 +291,7 @@ impl RedisStore {
     }
 
     fn with_target(target: Target, prefix: &str) -> Result<RedisStore, StoreError> {
-        if prefix.contains(['{', '}']) {
-            return Err(StoreError(format!(
-                "redis key prefix {prefix:?} may not contain '{{' or '}}'"
-            )));
-        }
+        check_prefix(prefix).map_err(StoreError)?;
         let script = |body: &str| Script::new(&format!("{REMAINING_LUA}{body}"));
         Ok(RedisStore {
             keys: Keys {
