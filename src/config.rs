@@ -1130,7 +1130,10 @@ impl Validator<'_> {
             if let Err(e) = crate::server::tls_server_config(certs, key) {
                 self.problem(
                     "listen.tls.key",
-                    format!("does not fit the certificate in {}: {e}", files.cert.display()),
+                    format!(
+                        "does not fit the certificate in {}: {e}",
+                        files.cert.display()
+                    ),
                 );
             }
         }
@@ -1810,7 +1813,11 @@ impl Validator<'_> {
                         return None;
                     }
                 }
-                let key = if ca.is_some() { "store.ca_file" } else { "store.redis" };
+                let key = if ca.is_some() {
+                    "store.ca_file"
+                } else {
+                    "store.redis"
+                };
                 if let Err(e) = crate::store::RedisStore::with_ca(url, prefix, ca) {
                     self.problem(key, e.to_string());
                     return None;
@@ -2282,9 +2289,14 @@ default: maybe
             .replace("  url: http://127.0.0.1:3000\n", "  url: ftp://x\n")
             .replace("algorithms: [HS256]", "algorithms: []");
         let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("gateway.yaml:2:8: upstream.url: invalid URL"), "{e}");
         assert!(
-            e.contains("gateway.yaml:5:5: identity.jwt.algorithms: must list at least one algorithm"),
+            e.contains("gateway.yaml:2:8: upstream.url: invalid URL"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "gateway.yaml:5:5: identity.jwt.algorithms: must list at least one algorithm"
+            ),
             "{e}"
         );
         // A list whose every entry is refused is reported entry by entry.

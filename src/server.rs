@@ -27,8 +27,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     let certs = tls_certs(&files.cert)?;
     let key = tls_key(&files.key)?;
-    let cfg = tls_server_config(certs, key)
-        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    let cfg =
+        tls_server_config(certs, key).map_err(|e| format!("{}: {e}", files.cert.display()))?;
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 

@@ -775,7 +775,10 @@ fn bad_redis_url() {
 fn refused_by_check_and_run(file: ConfigFile) -> Invalid {
     let e = check_invalid(file);
     let (code, out, err) = run_cli(&["run", "-c", &e.file.path()], None, &[]);
-    assert_eq!(code, 1, "run must refuse too\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        code, 1,
+        "run must refuse too\nstdout:\n{out}\nstderr:\n{err}"
+    );
     assert_eq!(err, e.stderr, "run must refuse with check's lines");
     e
 }
@@ -784,11 +787,14 @@ fn refused_by_check_and_run(file: ConfigFile) -> Invalid {
 /// script the README tells operators to use: (cert, key, ca).
 fn dev_cert(dir: &Path) -> (String, String, String) {
     std::fs::create_dir_all(dir).expect("cert dir");
-    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/certs/gen-dev-cert.sh"))
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("gen-dev-cert.sh runs");
+    let status = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-cert.sh"
+    ))
+    .arg(dir)
+    .stdout(std::process::Stdio::null())
+    .status()
+    .expect("gen-dev-cert.sh runs");
     assert!(status.success());
     (
         path_str(&dir.join("server.crt")),
@@ -825,7 +831,10 @@ fn check_as_strict_as_run_redis_prefix() {
         "store:\n  redis_cluster: [redis://127.0.0.1:7000, \"nope\"]\ndefault: pass\n",
     );
     refused_by_check_and_run(ConfigFile::new(&y))
-        .has(at(&y, "\"nope\""), "store.redis_cluster[1]: invalid Redis URL")
+        .has(
+            at(&y, "\"nope\""),
+            "store.redis_cluster[1]: invalid Redis URL",
+        )
         .count(1);
 }
 
@@ -911,7 +920,9 @@ fn check_as_strict_as_run_certificates() {
     let store = |ca_file: &str| {
         base_with(
             "default: pass\n",
-            &format!("store:\n  redis: rediss://127.0.0.1:6380/0\n  ca_file: {ca_file}\ndefault: pass\n"),
+            &format!(
+                "store:\n  redis: rediss://127.0.0.1:6380/0\n  ca_file: {ca_file}\ndefault: pass\n"
+            ),
         )
     };
     check_ok(&store(&ca));
