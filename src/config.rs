@@ -178,6 +178,22 @@ pub struct Otp {
     pub max_sends: u32,
     pub lockout: Duration,
     pub max_failures: u32,
+    /// Sends per client address (IPv6: per /64) per hour, all users and
+    /// channels together; 0 turns the cap off.
+    pub max_sends_per_client: u32,
+}
+
+/// Caps on sending codes that protect the operator's bill rather than one
+/// user: how many codes a channel may send per hour across all users, and
+/// which destinations SMS may go to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendBudget {
+    /// Email codes per hour, all users together; `None`: unlimited.
+    pub email_per_hour: Option<u32>,
+    /// SMS codes per hour, all users together; `None`: unlimited.
+    pub sms_per_hour: Option<u32>,
+    /// E.164 prefixes (`+44`, `+1204`) SMS may be sent to; empty: any.
+    pub sms_countries: Vec<String>,
 }
 
 /// How second-factor tokens are signed.
@@ -218,6 +234,7 @@ pub struct Stepup {
     pub email: Option<EmailSettings>,
     pub sms: Option<SmsSettings>,
     pub sms_timeout: Duration,
+    pub budget: SendBudget,
     pub console: bool,
     pub branding: Branding,
     /// Largest request body kept to replay a form post after step-up.
@@ -784,6 +801,7 @@ mod raw {
         pub max_attempts: Option<u64>,
         pub resend_after: Option<Str>,
         pub max_sends: Option<u64>,
+        pub max_sends_per_client: Option<u64>,
         pub lockout: Option<Str>,
         pub max_failures: Option<u64>,
     }
@@ -807,6 +825,7 @@ mod raw {
         pub from: Str,
         pub subject: Option<Str>,
         pub timeout: Option<Str>,
+        pub hourly_budget: Option<u64>,
     }
 
     #[derive(Deserialize)]
@@ -827,6 +846,8 @@ mod raw {
         pub webhook: Option<Webhook>,
         pub twilio: Option<Twilio>,
         pub timeout: Option<Str>,
+        pub hourly_budget: Option<u64>,
+        pub allowed_countries: Option<Vec<Str>>,
     }
 
     #[derive(Deserialize)]
@@ -1139,6 +1160,38 @@ impl Validator<'_> {
         }
     }
 
+    /// `stepup.sms.allowed_countries`: E.164 prefixes, `+` and 1 to 6
+    /// digits (a country calling code, or a longer prefix such as one
+    /// NANP area code). An empty list is refused: it would allow nothing.
+    fn country_codes(&mut self, list: Option<Vec<raw::Str>>) -> Vec<String> {
+        const KEY: &str = "stepup.sms.allowed_countries";
+        let Some(list) = list else {
+            return Vec::new();
+        };
+        if list.is_empty() {
+            self.problem(
+                KEY,
+                "an empty list would block every SMS; omit the key to allow any destination",
+            );
+        }
+        let mut out = Vec::new();
+        for (i, s) in list.into_iter().enumerate() {
+            let digits = s.0.strip_prefix('+').unwrap_or("");
+            if (1..=6).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
+                out.push(s.0);
+            } else {
+                self.problem(
+                    &format!("{KEY}[{i}]"),
+                    format!(
+                        "invalid country code {:?}: expected + and 1 to 6 digits, e.g. \"+44\"",
+                        s.0
+                    ),
+                );
+            }
+        }
+        out
+    }
+
     fn cidrs(&mut self, key: &str, list: Vec<raw::Str>) -> Vec<IpNet> {
         let mut out = Vec::new();
         for (i, s) in list.into_iter().enumerate() {
@@ -1443,7 +1496,7 @@ impl Validator<'_> {
         })
     }
 
-    fn stepup(&mut self, s: raw::Stepup, dev: bool) -> Option<Stepup> {
+    fn stepup(&mut self, mut s: raw::Stepup, dev: bool) -> Option<Stepup> {
         let prefix = s.prefix.map(|p| p.0).unwrap_or_else(|| "/.stepgate".into());
         let prefix_ok = prefix.starts_with('/')
             && prefix.len() > 1
@@ -1479,8 +1532,27 @@ impl Validator<'_> {
             max_sends: self.count("stepup.otp.max_sends", o.max_sends, 5, 1, 1000),
             lockout: self.duration("stepup.otp.lockout", o.lockout, Duration::from_secs(900)),
             max_failures: self.count("stepup.otp.max_failures", o.max_failures, 10, 1, 10_000),
+            max_sends_per_client: self.count(
+                "stepup.otp.max_sends_per_client",
+                o.max_sends_per_client,
+                50,
+                0,
+                1_000_000,
+            ),
         };
         let token = self.token(s.token.unwrap_or_default());
+        let mut budget = SendBudget::default();
+        if let Some(e) = &s.email {
+            budget.email_per_hour = e
+                .hourly_budget
+                .map(|n| self.count("stepup.email.hourly_budget", Some(n), 1, 1, 100_000_000));
+        }
+        if let Some(sms) = &mut s.sms {
+            budget.sms_per_hour = sms
+                .hourly_budget
+                .map(|n| self.count("stepup.sms.hourly_budget", Some(n), 1, 1, 100_000_000));
+            budget.sms_countries = self.country_codes(sms.allowed_countries.take());
+        }
         let email = s.email.and_then(|e| self.email(e));
         let (sms, sms_timeout) = match s.sms {
             Some(sms) => {
@@ -1524,6 +1596,7 @@ impl Validator<'_> {
             email,
             sms,
             sms_timeout,
+            budget,
             console,
             branding,
             stash_max_bytes,
@@ -2235,6 +2308,54 @@ dev: true
         );
         assert!(
             e.contains("gateway.yaml:9:18: environment variable NOPE_KEY is not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    // Send-abuse settings: defaults (client cap on, no budgets, any SMS
+    // destination), parsed values, and every bad value at its location.
+    fn send_abuse_settings() {
+        let c = load(BASE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.stepup.otp.max_sends_per_client, 50);
+        assert_eq!(c.stepup.budget, SendBudget::default());
+        let sms = "  sms:\n    webhook: { url: \"https://sms.test/send\" }\n";
+        let good = BASE.replace(
+            "  console: true\n",
+            &format!("  console: true\n  otp:\n    max_sends_per_client: 0\n{sms}    hourly_budget: 300\n    allowed_countries: [\"+1\", \"+4420\"]\n"),
+        );
+        let c = load(&good).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.stepup.otp.max_sends_per_client, 0);
+        assert_eq!(
+            c.stepup.budget,
+            SendBudget {
+                email_per_hour: None,
+                sms_per_hour: Some(300),
+                sms_countries: vec!["+1".into(), "+4420".into()],
+            }
+        );
+        let bad = BASE.replace(
+            "  console: true\n",
+            &format!("  console: true\n{sms}    hourly_budget: 0\n    allowed_countries: [\"44\", \"+1234567\", \"+1\"]\n"),
+        );
+        let e = load(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        for want in [
+            "gateway.yaml:13:20: stepup.sms.hourly_budget: 0 is out of range",
+            "gateway.yaml:14:25: stepup.sms.allowed_countries[0]: invalid country code \"44\"",
+            "gateway.yaml:14:31: stepup.sms.allowed_countries[1]: invalid country code",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        let empty = BASE.replace(
+            "  console: true\n",
+            &format!("  console: true\n{sms}    allowed_countries: []\n"),
+        );
+        let e = load(&empty)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("stepup.sms.allowed_countries: an empty list"),
             "{e}"
         );
     }

@@ -90,6 +90,12 @@ struct EventLabels {
     event: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    channel: &'static str,
+    reason: &'static str,
+}
+
 /// The gateway's Prometheus metrics.
 pub struct Metrics {
     registry: Registry,
@@ -98,6 +104,7 @@ pub struct Metrics {
     audit: Family<EventLabels, Counter>,
     connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     reloads: Family<EventLabels, Counter<u64, AtomicU64>>,
+    sends_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -141,7 +148,14 @@ impl Metrics {
             "Policy reloads by result",
             reloads.clone(),
         );
+        let sends_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "sends_refused",
+            "Codes not sent, by channel and reason (locked, cooldown, max_sends, max_sends_per_client, hourly_budget, sms_country)",
+            sends_refused.clone(),
+        );
         Metrics {
+            sends_refused,
             registry,
             requests,
             duration,
@@ -167,6 +181,13 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections.dec();
+    }
+
+    /// A code not sent, and why.
+    pub fn send_refused(&self, channel: &'static str, reason: &'static str) {
+        self.sends_refused
+            .get_or_create(&RefusedLabels { channel, reason })
+            .inc();
     }
 
     pub fn reload(&self, ok: bool) {

@@ -104,6 +104,7 @@ both_stores!(
     expiry_edge_spent_and_revoked_tokens_stay_dead_until_no_longer_accepted,
     malformed_requests_get_4xx,
     delivery_failure_is_502_and_costs_nothing,
+    send_abuse_client_cap_budget_and_sms_countries,
 );
 
 // The whole flow: masked methods, code by real SMTP, token, forwarded
@@ -742,6 +743,172 @@ async fn malformed_requests_get_4xx(redis: bool) {
     );
     assert_eq!(env.up.hits(), 0);
     assert!(env.smtp.received().is_empty());
+}
+
+// SMS pumping and send abuse: an allow-list of SMS destinations (403, the
+// method is not even offered), a global SMS budget per hour (429 with
+// Retry-After, shared by instances on Redis), a per-client-address cap
+// across accounts (429 with Retry-After, X-Forwarded-For from an untrusted
+// peer does not get around it), all audited and counted in metrics; the
+// real SMS sink receives only the codes that were allowed.
+async fn send_abuse_client_cap_budget_and_sms_countries(redis: bool) {
+    let otp = format!("{OTP}    max_sends_per_client: 4\n");
+    let env = Env::start_edited(redis, &otp, |yaml| {
+        let webhook = "auth_header: \"Bearer sms-test-token\" }\n";
+        yaml.replacen(
+            webhook,
+            &format!("{webhook}    hourly_budget: 2\n    allowed_countries: [\"+1\", \"+4420\"]\n"),
+            1,
+        )
+    })
+    .await;
+    // Outside the allow-list: not offered, refused with 403, nothing sent.
+    let abroad = User {
+        auth: format!(
+            "Bearer {}",
+            primary_token(
+                "pat",
+                Some("pat@example.com"),
+                Some("+44 7700 900123"),
+                None
+            )
+        ),
+        email: "pat@example.com".into(),
+        phone: "+44 7700 900123".into(),
+    };
+    let methods = get(
+        &env.gw.url("/.stepgate/api/methods"),
+        &[("authorization", &abroad.auth)],
+    )
+    .await
+    .json();
+    assert_eq!(
+        methods["methods"].as_array().map(Vec::len),
+        Some(1),
+        "{methods}"
+    );
+    assert_eq!(methods["methods"][0]["id"], "email");
+    let res = start_otp(&env.gw, &abroad, "sms").await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN, "{}", res.text());
+    assert_eq!(res.json()["error"], "destination_not_allowed");
+
+    // The SMS budget: two codes for everyone together.
+    for name in ["quinn", "rosa"] {
+        let res = start_otp(&env.gw, &user(name, None), "sms").await;
+        assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
+    }
+    let res = start_otp(&env.gw, &user("sven", None), "sms").await;
+    assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS, "{}", res.text());
+    assert_eq!(res.json()["error"], "send_budget_exhausted");
+    assert!(
+        (3500..=3600).contains(&res.retry_after()),
+        "{:?}",
+        res.headers
+    );
+    if redis {
+        let other = env.second_instance().await;
+        let res = start_otp(&other, &user("tara", None), "sms").await;
+        assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS, "{}", res.text());
+        assert_eq!(res.json()["error"], "send_budget_exhausted");
+    }
+    // Email has no budget here; the client cap (4 per address, all accounts
+    // and channels) ends it: two SMS and two emails.
+    for name in ["sven", "uma"] {
+        let res = start_otp(&env.gw, &user(name, None), "email").await;
+        assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
+    }
+    let victor = user("victor", None);
+    let res = start_otp(&env.gw, &victor, "email").await;
+    assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS, "{}", res.text());
+    assert_eq!(res.json()["error"], "too_many_codes_from_client");
+    assert!(
+        (3500..=3600).contains(&res.retry_after()),
+        "{:?}",
+        res.headers
+    );
+    // A forged X-Forwarded-For from an untrusted peer changes nothing.
+    let res = request(
+        Method::POST,
+        &env.gw.url("/.stepgate/api/otp"),
+        &[
+            ("authorization", &victor.auth),
+            ("content-type", "application/json"),
+            ("x-forwarded-for", "203.0.113.77"),
+        ],
+        Bytes::from_static(br#"{"method":"email"}"#),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS, "{}", res.text());
+
+    let sent = env.sms.wait_for_requests(2, Duration::from_secs(10)).await;
+    assert_eq!(sent.len(), 2);
+    assert_eq!(env.sms.requests().len(), 2);
+    assert!(sent.iter().all(|r| r.json()["to"]
+        .as_str()
+        .is_some_and(|to| to.starts_with("+1"))));
+    let m = get(&env.gw.admin_url("/metrics"), &[]).await.text();
+    for line in [
+        r#"stepgate_sends_refused_total{channel="sms",reason="sms_country"} 1"#,
+        r#"stepgate_sends_refused_total{channel="sms",reason="hourly_budget"} 1"#,
+        r#"stepgate_sends_refused_total{channel="email",reason="max_sends_per_client"} 2"#,
+        r#"stepgate_audit_events_total{event="refused"} 4"#,
+    ] {
+        assert!(m.contains(line), "{line} missing from\n{m}");
+    }
+}
+
+// Behind a trusted proxy the client is the nearest untrusted address in
+// X-Forwarded-For: each forwarded client has its own cap, and a client
+// cannot pick its address by sending its own X-Forwarded-For.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_abuse_client_cap_behind_a_trusted_proxy() {
+    let otp = format!(
+        "{}    max_sends_per_client: 1\n",
+        OTP.replace("resend_after: 30s", "resend_after: 0s")
+    );
+    let env = Env::start_edited(false, &otp, |yaml| {
+        yaml.replacen(
+            "  header_read_timeout: 2s\n",
+            "  header_read_timeout: 2s\n  trusted_proxies: [127.0.0.1/32]\n",
+            1,
+        )
+    })
+    .await;
+    let send = |name: &'static str, xff: &'static str| {
+        let gw = &env.gw;
+        async move {
+            let u = user(name, None);
+            request(
+                Method::POST,
+                &gw.url("/.stepgate/api/otp"),
+                &[
+                    ("authorization", &u.auth),
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", xff),
+                ],
+                Bytes::from_static(br#"{"method":"email"}"#),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(send("wade", "198.51.100.1").await, StatusCode::ACCEPTED);
+    assert_eq!(send("xena", "198.51.100.2").await, StatusCode::ACCEPTED);
+    assert_eq!(
+        send("yuri", "198.51.100.1").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The client's own claim sits left of what the proxy saw: ignored.
+    assert_eq!(
+        send("zoe", "203.0.113.9, 198.51.100.2").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // IPv6 clients are counted per /64.
+    assert_eq!(send("abe", "2001:db8:1:2::1").await, StatusCode::ACCEPTED);
+    assert_eq!(
+        send("bea", "2001:db8:1:2:ffff::9").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 // SMTP down: 502, and the failed send costs no cooldown.

@@ -70,6 +70,10 @@ contract!(
     spend_once_is_once,
     revocation,
     expiry_edge_marks_outlive_token_acceptance,
+    send_abuse_client_cap_spans_users_and_channels,
+    send_abuse_budget_is_per_channel_across_users,
+    send_abuse_refused_start_takes_no_shared_count,
+    send_abuse_parallel_starts_never_exceed_shared_caps,
     blobs_are_taken_once,
     subjects_are_isolated,
 );
@@ -141,6 +145,9 @@ fn limits() -> Limits {
         send_window: Duration::from_secs(3600),
         lockout: Duration::from_secs(600),
         max_failures: 5,
+        max_sends_per_client: 0,
+        email_budget: None,
+        sms_budget: None,
     }
 }
 
@@ -158,7 +165,13 @@ fn challenge(id: &str, subject: &str, channel: Channel) -> NewChallenge {
         session: format!("session-of-{id}"),
         channel,
         code_hash,
+        client: "192.0.2.1".to_owned(),
     }
+}
+
+fn from_client(mut c: NewChallenge, client: &str) -> NewChallenge {
+    c.client = client.to_owned();
+    c
 }
 
 async fn start(store: &Store, c: &NewChallenge, limits: &Limits) -> StartOutcome {
@@ -477,6 +490,170 @@ async fn expiry_edge_marks_outlive_token_acceptance(store: Store) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(checks > 0);
+}
+
+// SMS pumping: one client cycling through many accounts (and channels) is
+// capped by max_sends_per_client; another client is not; an aborted start
+// (failed delivery) gives its count back.
+async fn send_abuse_client_cap_spans_users_and_channels(store: Store) {
+    let l = Limits {
+        max_sends_per_client: 3,
+        ..limits()
+    };
+    let started = [
+        challenge("c1", "u1", Channel::Sms),
+        challenge("c2", "u2", Channel::Email),
+        challenge("c3", "u3", Channel::Sms),
+    ];
+    for c in &started {
+        assert_eq!(start(&store, c, &l).await, StartOutcome::Started);
+    }
+    let fourth = challenge("c4", "u4", Channel::Email);
+    match start(&store, &fourth, &l).await {
+        StartOutcome::ClientLimit { retry_after } => {
+            assert!(
+                !retry_after.is_zero() && retry_after <= l.send_window,
+                "{retry_after:?}"
+            );
+        }
+        other => panic!("expected the client cap, got {other:?}"),
+    }
+    assert_eq!(ok(store.lookup("c4").await), None);
+    let elsewhere = from_client(challenge("c5", "u5", Channel::Sms), "2001:db8::1/64");
+    assert_eq!(start(&store, &elsewhere, &l).await, StartOutcome::Started);
+    ok(store.abort(&started[2]).await);
+    assert_eq!(start(&store, &fourth, &l).await, StartOutcome::Started);
+    // A cap of zero is no cap.
+    let off = Limits {
+        max_sends_per_client: 0,
+        ..limits()
+    };
+    let more = challenge("c6", "u6", Channel::Email);
+    assert_eq!(start(&store, &more, &off).await, StartOutcome::Started);
+}
+
+// The costliest abuse: many clients and accounts together cannot send more
+// than a channel's budget per window; the other channel keeps its own; an
+// aborted start gives its send back.
+async fn send_abuse_budget_is_per_channel_across_users(store: Store) {
+    let l = Limits {
+        sms_budget: Some(2),
+        email_budget: Some(5),
+        ..limits()
+    };
+    let first = from_client(challenge("c1", "u1", Channel::Sms), "192.0.2.1");
+    let second = from_client(challenge("c2", "u2", Channel::Sms), "192.0.2.2");
+    assert_eq!(start(&store, &first, &l).await, StartOutcome::Started);
+    assert_eq!(start(&store, &second, &l).await, StartOutcome::Started);
+    let third = from_client(challenge("c3", "u3", Channel::Sms), "192.0.2.3");
+    match start(&store, &third, &l).await {
+        StartOutcome::BudgetExhausted { retry_after } => {
+            assert!(
+                !retry_after.is_zero() && retry_after <= l.send_window,
+                "{retry_after:?}"
+            );
+        }
+        other => panic!("expected the SMS budget spent, got {other:?}"),
+    }
+    assert_eq!(ok(store.lookup("c3").await), None);
+    let email = from_client(challenge("c4", "u3", Channel::Email), "192.0.2.3");
+    assert_eq!(start(&store, &email, &l).await, StartOutcome::Started);
+    ok(store.abort(&second).await);
+    assert_eq!(start(&store, &third, &l).await, StartOutcome::Started);
+    let none = Limits {
+        sms_budget: Some(0),
+        ..limits()
+    };
+    let blocked = from_client(challenge("c5", "u5", Channel::Sms), "192.0.2.5");
+    assert!(matches!(
+        start(&store, &blocked, &none).await,
+        StartOutcome::BudgetExhausted { .. }
+    ));
+}
+
+// A start refused by a later check (the user's cooldown, the budget) must
+// not keep the shared counts it checked first, or refused requests would
+// use up a client's cap or the budget without sending anything.
+async fn send_abuse_refused_start_takes_no_shared_count(store: Store) {
+    let l = Limits {
+        max_sends_per_client: 2,
+        sms_budget: Some(2),
+        ..limits()
+    };
+    let first = challenge("c1", "u1", Channel::Sms);
+    assert_eq!(start(&store, &first, &l).await, StartOutcome::Started);
+    for i in 0..5 {
+        let again = challenge(&format!("r{i}"), "u1", Channel::Sms);
+        assert!(matches!(
+            start(&store, &again, &l).await,
+            StartOutcome::Cooldown { .. }
+        ));
+    }
+    let second = challenge("c2", "u2", Channel::Sms);
+    assert_eq!(start(&store, &second, &l).await, StartOutcome::Started);
+    // The client is now at its cap: the budget was not consulted, so a
+    // refused start from elsewhere still finds the budget where it was.
+    assert!(matches!(
+        start(&store, &challenge("c3", "u3", Channel::Sms), &l).await,
+        StartOutcome::ClientLimit { .. }
+    ));
+    let elsewhere = from_client(challenge("c4", "u4", Channel::Sms), "192.0.2.9");
+    assert!(matches!(
+        start(&store, &elsewhere, &l).await,
+        StartOutcome::BudgetExhausted { .. }
+    ));
+    let email = from_client(challenge("c5", "u5", Channel::Email), "192.0.2.9");
+    assert_eq!(start(&store, &email, &l).await, StartOutcome::Started);
+}
+
+// Parallel starts from many accounts never get past a shared cap.
+async fn send_abuse_parallel_starts_never_exceed_shared_caps(store: Store) {
+    for (limits, client_of) in [
+        (
+            Limits {
+                max_sends_per_client: 7,
+                ..limits()
+            },
+            (|_| "192.0.2.1".to_owned()) as fn(usize) -> String,
+        ),
+        (
+            Limits {
+                sms_budget: Some(7),
+                ..limits()
+            },
+            (|i| format!("198.51.100.{i}")) as fn(usize) -> String,
+        ),
+    ] {
+        let limits = Arc::new(limits);
+        let barrier = Arc::new(Barrier::new(RACERS));
+        let round = client_of(1000);
+        let racers: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let (store, barrier, limits) = (store.clone(), barrier.clone(), limits.clone());
+                let c = from_client(
+                    challenge(
+                        &format!("p{round}-{i}"),
+                        &format!("{round}-u{i}"),
+                        Channel::Sms,
+                    ),
+                    &client_of(i),
+                );
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.start(&c, &limits).await
+                })
+            })
+            .collect();
+        let mut started = 0;
+        for racer in racers {
+            match ok(racer.await.expect("racer task")) {
+                StartOutcome::Started => started += 1,
+                StartOutcome::ClientLimit { .. } | StartOutcome::BudgetExhausted { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(started, 7);
+    }
 }
 
 // Protects against a stashed request or CSRF nonce being used twice or outliving its ttl.

@@ -36,6 +36,12 @@ pub(super) enum ApiError {
     CodeFormat,
     Cooldown(Duration),
     SendLimit(Duration),
+    /// `max_sends_per_client` reached for this client address.
+    ClientLimit(Duration),
+    /// The channel's hourly budget is spent.
+    BudgetExhausted(Duration),
+    /// SMS to a number outside `stepup.sms.allowed_countries`.
+    DestinationNotAllowed,
     Locked(Duration),
     Delivery,
     Unavailable,
@@ -88,6 +94,21 @@ impl ApiError {
                 "too_many_codes",
                 "too many codes requested; try later",
             ),
+            ClientLimit(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_codes_from_client",
+                "too many codes requested from this address; try later",
+            ),
+            BudgetExhausted(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "send_budget_exhausted",
+                "no more codes can be sent on this channel for now; try later or another method",
+            ),
+            DestinationNotAllowed => (
+                StatusCode::FORBIDDEN,
+                "destination_not_allowed",
+                "codes cannot be sent to this phone number; use another method",
+            ),
             Locked(_) => (
                 StatusCode::LOCKED,
                 "locked",
@@ -126,9 +147,11 @@ impl ApiError {
     /// Whole seconds to wait, rounded up, for 423/429 answers.
     pub(super) fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Cooldown(d) | ApiError::SendLimit(d) | ApiError::Locked(d) => {
-                Some(d.as_secs() + u64::from(d.subsec_nanos() > 0))
-            }
+            ApiError::Cooldown(d)
+            | ApiError::SendLimit(d)
+            | ApiError::ClientLimit(d)
+            | ApiError::BudgetExhausted(d)
+            | ApiError::Locked(d) => Some(d.as_secs() + u64::from(d.subsec_nanos() > 0)),
             _ => None,
         }
     }
@@ -309,11 +332,15 @@ pub(super) async fn start(
 ) -> Result<Started, ApiError> {
     let client = conn.peer.ip();
     let target = s
-        .methods(id)
+        .contacts(id)
         .into_iter()
         .find(|(c, _)| *c == channel)
         .map(|(_, t)| t.to_string())
         .ok_or(ApiError::UnknownMethod)?;
+    if channel == Channel::Sms && !s.sms_destination_allowed(&target) {
+        s.refused(id, channel, client, "sms_country");
+        return Err(ApiError::DestinationNotAllowed);
+    }
     let notifier = s.notifier(channel).ok_or(ApiError::UnknownMethod)?;
     let challenge_id = otp::random_id();
     let code = otp::generate_code(s.cfg.otp.length);
@@ -323,17 +350,29 @@ pub(super) async fn start(
         session: session_hash(&id.session),
         channel,
         code_hash: otp::hash_code(&s.cfg.token.secret, &challenge_id, &code),
+        client: crate::store::client_key(client),
     };
     match s.store.start(&new, &s.limits).await {
         Ok(StartOutcome::Started) => {}
         Ok(StartOutcome::Locked { retry_after }) => {
-            s.audit(AuditEvent::Refused, id, Some(channel), client, "locked");
+            s.refused(id, channel, client, "locked");
             return Err(ApiError::Locked(retry_after));
         }
-        Ok(StartOutcome::Cooldown { retry_after }) => return Err(ApiError::Cooldown(retry_after)),
+        Ok(StartOutcome::Cooldown { retry_after }) => {
+            s.metrics.send_refused(channel.as_str(), "cooldown");
+            return Err(ApiError::Cooldown(retry_after));
+        }
         Ok(StartOutcome::SendLimit { retry_after }) => {
-            s.audit(AuditEvent::Refused, id, Some(channel), client, "max_sends");
+            s.refused(id, channel, client, "max_sends");
             return Err(ApiError::SendLimit(retry_after));
+        }
+        Ok(StartOutcome::ClientLimit { retry_after }) => {
+            s.refused(id, channel, client, "max_sends_per_client");
+            return Err(ApiError::ClientLimit(retry_after));
+        }
+        Ok(StartOutcome::BudgetExhausted { retry_after }) => {
+            s.refused(id, channel, client, "hourly_budget");
+            return Err(ApiError::BudgetExhausted(retry_after));
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot start challenge");

@@ -77,6 +77,8 @@ pub struct Stepup {
     limits: Limits,
     metrics: Arc<Metrics>,
     secure_cookies: bool,
+    /// `listen.trusted_proxies`: whose `X-Forwarded-For` names the client.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Stepup {
@@ -104,6 +106,9 @@ impl Stepup {
             send_window: Duration::from_secs(3600),
             lockout: o.lockout,
             max_failures: o.max_failures,
+            max_sends_per_client: o.max_sends_per_client,
+            email_budget: cfg.budget.email_per_hour,
+            sms_budget: cfg.budget.sms_per_hour,
         };
         Ok(Stepup {
             tokens: Tokens::new(&cfg.token),
@@ -115,6 +120,7 @@ impl Stepup {
             limits,
             metrics,
             secure_cookies: config.listen.tls.is_some(),
+            trusted_proxies: config.listen.trusted_proxies.clone(),
         })
     }
 
@@ -308,6 +314,12 @@ impl Stepup {
     ) -> (Response<Body>, Outcome) {
         let identity = req.extensions().get::<Identity>().cloned();
         let sub = &path[self.cfg.prefix.len()..];
+        // From here on `peer` is the client as far as the gateway can tell,
+        // for the per-client send cap and the audit events.
+        let conn = ClientConn {
+            peer: std::net::SocketAddr::new(self.client_ip(req.headers(), conn), conn.peer.port()),
+            ..conn
+        };
         let Some(id) = identity else {
             let mut res = json_error(StatusCode::UNAUTHORIZED, "unauthenticated", "sign in first");
             res.headers_mut().insert(
@@ -333,8 +345,57 @@ impl Stepup {
         (res, outcome)
     }
 
-    /// Channels this user can receive a code on, with their targets.
-    fn methods<'a>(&self, id: &'a Identity) -> Vec<(Channel, &'a str)> {
+    /// The client address: the peer, or when the peer is a trusted proxy,
+    /// the nearest address in `X-Forwarded-For` that is not one (walking
+    /// from the right, so a client cannot choose it by sending its own).
+    fn client_ip(&self, headers: &HeaderMap, conn: ClientConn) -> IpAddr {
+        let mut client = conn.peer.ip();
+        if !conn.trusted_proxy {
+            return client;
+        }
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        for hop in hops.iter().rev() {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = ip;
+            if !self.trusted_proxies.iter().any(|n| n.contains(&ip)) {
+                break;
+            }
+        }
+        client
+    }
+
+    /// Whether SMS may be sent to `phone` (`stepup.sms.allowed_countries`).
+    /// With an allow-list, a number not in E.164 form (`+` and digits;
+    /// spaces, dots, dashes and brackets are ignored) is refused.
+    fn sms_destination_allowed(&self, phone: &str) -> bool {
+        let allowed = &self.cfg.budget.sms_countries;
+        if allowed.is_empty() {
+            return true;
+        }
+        let Some(rest) = phone.trim().strip_prefix('+') else {
+            return false;
+        };
+        let mut digits = String::from("+");
+        for c in rest.chars() {
+            match c {
+                '0'..='9' => digits.push(c),
+                ' ' | '.' | '-' | '(' | ')' => {}
+                _ => return false,
+            }
+        }
+        allowed.iter().any(|p| digits.starts_with(p.as_str()))
+    }
+
+    /// Channels this user has a contact for and the config enables, with
+    /// their targets, whether or not the destination is allowed.
+    fn contacts<'a>(&self, id: &'a Identity) -> Vec<(Channel, &'a str)> {
         let mut out = Vec::new();
         if let Some(email) = id.email.as_deref().filter(|e| !e.is_empty()) {
             if self.email.is_some() || self.console.is_some() {
@@ -346,6 +407,14 @@ impl Stepup {
                 out.push((Channel::Sms, phone));
             }
         }
+        out
+    }
+
+    /// The channels offered to this user: `contacts` without SMS to a
+    /// destination outside `stepup.sms.allowed_countries`.
+    fn methods<'a>(&self, id: &'a Identity) -> Vec<(Channel, &'a str)> {
+        let mut out = self.contacts(id);
+        out.retain(|(c, target)| *c != Channel::Sms || self.sms_destination_allowed(target));
         out
     }
 
@@ -372,6 +441,13 @@ impl Stepup {
             client,
         };
         audit(&self.metrics, event, &ctx, detail);
+    }
+
+    /// A refused send: audited (event `refused`, `detail` = the reason) and
+    /// counted in `stepgate_sends_refused_total{channel, reason}`.
+    fn refused(&self, id: &Identity, channel: Channel, client: IpAddr, reason: &'static str) {
+        self.metrics.send_refused(channel.as_str(), reason);
+        self.audit(AuditEvent::Refused, id, Some(channel), client, reason);
     }
 
     /// `Set-Cookie` for a freshly issued token.

@@ -162,7 +162,10 @@ fn message(e: &ApiError) -> String {
         }
         ApiError::CodeFormat => "Enter the digits from the message.".into(),
         ApiError::Gone => "That code has expired or was already used. Ask for a new one.".into(),
-        ApiError::Cooldown(_) | ApiError::SendLimit(_) => format!(
+        ApiError::Cooldown(_)
+        | ApiError::SendLimit(_)
+        | ApiError::ClientLimit(_)
+        | ApiError::BudgetExhausted(_) => format!(
             "Too many codes requested. Try again in {} seconds.",
             e.retry_after().unwrap_or(0)
         ),
@@ -174,7 +177,9 @@ fn message(e: &ApiError) -> String {
         ApiError::Unavailable => {
             "Verification is unavailable right now. Please try again shortly.".into()
         }
-        ApiError::UnknownMethod => "That way of receiving a code is not available.".into(),
+        ApiError::UnknownMethod | ApiError::DestinationNotAllowed => {
+            "That way of receiving a code is not available.".into()
+        }
         _ => "Something was wrong with that request. Please try again.".into(),
     }
 }

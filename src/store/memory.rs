@@ -56,6 +56,8 @@ impl MemoryStore {
                 spent: HashMap::new(),
                 revoked: HashMap::new(),
                 blobs: HashMap::new(),
+                clients: HashMap::new(),
+                budgets: HashMap::new(),
                 writes_since_sweep: 0,
                 earliest_expiry: None,
             }),
@@ -171,6 +173,10 @@ struct Inner {
     spent: HashMap<String, Instant>,
     revoked: HashMap<String, Instant>,
     blobs: HashMap<String, Timed<Vec<u8>>>,
+    /// Sends per client key in the current window.
+    clients: HashMap<String, Timed<u32>>,
+    /// Sends per channel (all users) in the current window.
+    budgets: HashMap<Channel, Timed<u32>>,
     writes_since_sweep: u32,
     /// No entry expires before this, so sweeping earlier would free nothing.
     /// A lower bound only: entries may since have been removed or extended.
@@ -184,6 +190,8 @@ impl Inner {
             + self.spent.len()
             + self.revoked.len()
             + self.blobs.len()
+            + self.clients.len()
+            + self.budgets.len()
     }
 
     /// Notes a new expiry instant so the next sweep is not skipped.
@@ -200,6 +208,8 @@ impl Inner {
         self.spent.retain(|_, t| *t > now);
         self.revoked.retain(|_, t| *t > now);
         self.blobs.retain(|_, b| b.live(now));
+        self.clients.retain(|_, c| c.live(now));
+        self.budgets.retain(|_, b| b.live(now));
         self.earliest_expiry = self
             .users
             .values()
@@ -208,6 +218,8 @@ impl Inner {
             .chain(self.spent.values().copied())
             .chain(self.revoked.values().copied())
             .chain(self.blobs.values().map(|b| b.until))
+            .chain(self.clients.values().map(|c| c.until))
+            .chain(self.budgets.values().map(|b| b.until))
             .min();
         self.writes_since_sweep = 0;
     }
@@ -270,6 +282,40 @@ impl Inner {
     }
 }
 
+/// A live window count at or over `cap`: how long until the window ends.
+fn over_cap(count: Option<&Timed<u32>>, cap: u32, now: Instant) -> Option<Duration> {
+    count
+        .filter(|c| c.live(now) && c.value >= cap)
+        .map(|c| left(c.until, now))
+}
+
+/// Counts one more in a window count, starting a window when none is live.
+/// Returns the instant a new window ends, if one was started.
+fn bump(count: &mut Option<Timed<u32>>, now: Instant, window: Duration) -> Option<Instant> {
+    match count {
+        Some(c) if c.live(now) => {
+            c.value = c.value.saturating_add(1);
+            None
+        }
+        _ => {
+            let until = deadline(now, window);
+            *count = Some(Timed { value: 1, until });
+            Some(until)
+        }
+    }
+}
+
+/// Gives one back to a window count (after an aborted start).
+fn refund<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Timed<u32>>, key: &K, now: Instant) {
+    match map.get_mut(key) {
+        Some(c) if c.live(now) && c.value > 1 => c.value -= 1,
+        Some(_) => {
+            map.remove(key);
+        }
+        None => {}
+    }
+}
+
 fn deadline(now: Instant, ttl: Duration) -> Instant {
     now + ttl.min(MAX_LIFETIME)
 }
@@ -284,6 +330,23 @@ impl ChallengeStore for MemoryStore {
         let now = Instant::now();
         let mut st = self.state()?;
         st.wrote(now);
+
+        // The shared caps first, so a refused send touches no user state.
+        let client_cap = limits.max_sends_per_client;
+        if client_cap > 0 {
+            if let Some(retry_after) = over_cap(st.clients.get(&c.client), client_cap, now) {
+                return Ok(StartOutcome::ClientLimit { retry_after });
+            }
+        }
+        let budget = limits.budget(c.channel);
+        if let Some(cap) = budget {
+            let spent = over_cap(st.budgets.get(&c.channel), cap, now);
+            if let Some(retry_after) = spent.or((cap == 0).then_some(limits.send_window)) {
+                return Ok(StartOutcome::BudgetExhausted {
+                    retry_after: retry_after.max(MIN_RETRY),
+                });
+            }
+        }
 
         if let Some(user) = st.user(&c.subject, now) {
             if let Some(until) = user.lock {
@@ -314,7 +377,33 @@ impl ChallengeStore for MemoryStore {
 
         let new_user = !st.users.contains_key(&c.subject);
         let new_index = !st.index.contains_key(&c.id);
-        st.make_room(now, usize::from(new_user) + usize::from(new_index))?;
+        let new_client = client_cap > 0 && !st.clients.contains_key(&c.client);
+        let new_budget = budget.is_some() && !st.budgets.contains_key(&c.channel);
+        st.make_room(
+            now,
+            usize::from(new_user)
+                + usize::from(new_index)
+                + usize::from(new_client)
+                + usize::from(new_budget),
+        )?;
+        if client_cap > 0 {
+            let mut count = st.clients.remove(&c.client);
+            if let Some(until) = bump(&mut count, now, limits.send_window) {
+                st.expires(until);
+            }
+            if let Some(count) = count {
+                st.clients.insert(c.client.clone(), count);
+            }
+        }
+        if budget.is_some() {
+            let mut count = st.budgets.remove(&c.channel);
+            if let Some(until) = bump(&mut count, now, limits.send_window) {
+                st.expires(until);
+            }
+            if let Some(count) = count {
+                st.budgets.insert(c.channel, count);
+            }
+        }
 
         let expires = deadline(now, limits.ttl);
         let cooldown_ends = deadline(now, limits.resend_after);
@@ -382,6 +471,8 @@ impl ChallengeStore for MemoryStore {
             _ => user.sends = None,
         }
         st.index.remove(&c.id);
+        refund(&mut st.clients, &c.client, now);
+        refund(&mut st.budgets, &c.channel, now);
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 pub mod memory;
 pub mod redis;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,6 +36,41 @@ pub struct Limits {
     /// The count lives for `lockout` after the last failure and is never
     /// reset by asking for a new code.
     pub max_failures: u32,
+    /// Sends per client address (see [`client_key`]) per `send_window`,
+    /// all users and channels together; 0 means no cap.
+    pub max_sends_per_client: u32,
+    /// Email sends per `send_window` across all users; `None`: unlimited.
+    pub email_budget: Option<u32>,
+    /// SMS sends per `send_window` across all users; `None`: unlimited.
+    pub sms_budget: Option<u32>,
+}
+
+impl Limits {
+    /// The shared send budget of `channel`, if it has one.
+    pub fn budget(&self, channel: Channel) -> Option<u32> {
+        match channel {
+            Channel::Email => self.email_budget,
+            Channel::Sms => self.sms_budget,
+        }
+    }
+}
+
+/// The key a client address is counted under for `max_sends_per_client`:
+/// an IPv4 address as is, an IPv6 address by its /64 (one subscriber's
+/// network, which an attacker can fill with addresses), an IPv4-mapped
+/// IPv6 address as the IPv4 address.
+pub fn client_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{net}/64")
+            }
+        },
+    }
 }
 
 /// A challenge about to be started. `code_hash` is the keyed hash of the
@@ -47,6 +83,8 @@ pub struct NewChallenge {
     pub session: String,
     pub channel: Channel,
     pub code_hash: [u8; 32],
+    /// The requesting client, as [`client_key`] gives it.
+    pub client: String,
 }
 
 /// A stored, live challenge.
@@ -70,6 +108,10 @@ pub enum StartOutcome {
     Cooldown { retry_after: Duration },
     /// `max_sends` reached in the current window.
     SendLimit { retry_after: Duration },
+    /// `max_sends_per_client` reached for this client in the current window.
+    ClientLimit { retry_after: Duration },
+    /// The channel's shared budget is spent for the current window.
+    BudgetExhausted { retry_after: Duration },
 }
 
 /// What happened when a wrong code was recorded.
@@ -88,15 +130,23 @@ pub struct StoreError(pub String);
 
 #[async_trait]
 pub trait ChallengeStore: Send + Sync + 'static {
-    /// Atomically: refuse when locked out, in cooldown for this channel or
-    /// over `max_sends`; otherwise store the challenge (expiring after
-    /// `limits.ttl`), end the user's earlier open challenge on this channel,
-    /// start the channel cooldown and count the send.
+    /// Refuse when the client is over `max_sends_per_client`, the channel's
+    /// budget is spent, or the user is locked out, in cooldown for this
+    /// channel or over `max_sends` (checked in that order); otherwise store
+    /// the challenge (expiring after `limits.ttl`), end the user's earlier
+    /// open challenge on this channel, start the channel cooldown and count
+    /// the send against the user, the client and the budget.
+    ///
+    /// Every count is checked and taken atomically, so parallel starts can
+    /// never exceed any cap. (On Redis the client, budget and user counts
+    /// live in different hash slots: each is taken atomically in turn and
+    /// given back when a later one refuses, so a cap may briefly refuse a
+    /// send it would have allowed, never the other way round.)
     async fn start(&self, c: &NewChallenge, limits: &Limits) -> Result<StartOutcome, StoreError>;
 
     /// Undo `start` after the code could not be delivered: remove the
-    /// challenge, the cooldown and the send it counted, so a delivery
-    /// failure costs the user nothing.
+    /// challenge, the cooldown and the send it counted (for the user, the
+    /// client and the budget), so a delivery failure costs nothing.
     async fn abort(&self, c: &NewChallenge) -> Result<(), StoreError>;
 
     /// The live challenge with this id, if any (expired or dead: `None`).

@@ -27,6 +27,8 @@
 //! | `Ponce:<jti>`          | token id already used (`spend_once`)               |
 //! | `Prevoked:<jti>`       | revoked token id                                   |
 //! | `Pblob:<key>`          | a blob                                             |
+//! | `Pclient:<client>`     | sends from one client address in the window        |
+//! | `Pbudget:<channel>`    | sends on one channel, all users, in the window     |
 //!
 //! Every key has an expiry. The challenge hash has the fields `id`,
 //! `subject`, `session`, `channel`, `code` (hex of the code hash) and
@@ -48,6 +50,16 @@
 //! field of the hash it points to. Reading the pointer and acting on the hash
 //! are two steps, which is harmless: the pointer never changes for an id, and
 //! the step that matters (the `id` check and `DEL` in `consume`) is atomic.
+//!
+//! # Shared caps
+//!
+//! The client and budget counts cannot share the user's slot (they are
+//! shared by many users), so `start` takes them one at a time, each with an
+//! atomic check-and-count script on its own key (client, then budget, then
+//! the user's `start` script), and gives back what it took when a later
+//! step refuses. No cap can be exceeded by parallel starts; at worst a count
+//! briefly held by a start that is then refused turns away another start.
+//! An error between the steps leaves the counts taken (fail closed).
 //!
 //! A zero `resend_after` means no cooldown. The prefix may not contain `{`
 //! or `}`, since that would move the hash tag out of `{u:U}`.
@@ -123,6 +135,32 @@ end
 return {0, 0}
 "#;
 
+/// KEYS: a window count. ARGV: cap, window_ms.
+/// Counts one send unless the count is at `cap`, starting the window on the
+/// first. Returns {0, 0} counted, {1, ms} refused with the window's rest.
+const TAKE_LUA: &str = r#"
+local window = tonumber(ARGV[2])
+local n = tonumber(redis.call('GET', KEYS[1]) or 0)
+if n >= tonumber(ARGV[1]) then
+  local wait = remaining(KEYS[1], window)
+  if wait == 0 then wait = window end
+  return {1, wait}
+end
+if redis.call('INCR', KEYS[1]) == 1 or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+return {0, 0}
+"#;
+
+/// KEYS: a window count. Gives one send back (never below zero, never
+/// creating the key). Returns the count left.
+const GIVE_BACK_LUA: &str = r#"
+local n = tonumber(redis.call('GET', KEYS[1]) or 0)
+if n > 1 then return redis.call('DECR', KEYS[1]) end
+redis.call('DEL', KEYS[1])
+return 0
+"#;
+
 /// KEYS: challenge, cooldown, sends. ARGV: id.
 /// Undoes a start only while its challenge is still open, so a repeated or
 /// late abort cannot hand out extra sends. Returns 1 when undone.
@@ -192,6 +230,8 @@ struct Scripts {
     abort: Script,
     consume: Script,
     fail: Script,
+    take: Script,
+    give_back: Script,
 }
 
 /// Where to connect to.
@@ -307,6 +347,8 @@ impl RedisStore {
                 abort: script(ABORT_LUA),
                 consume: script(CONSUME_LUA),
                 fail: script(FAIL_LUA),
+                take: script(TAKE_LUA),
+                give_back: script(GIVE_BACK_LUA),
             },
         })
     }
@@ -454,6 +496,14 @@ impl Keys {
     fn blob(&self, key: &str) -> String {
         format!("{}blob:{key}", self.prefix)
     }
+
+    fn client(&self, client: &str) -> String {
+        format!("{}client:{client}", self.prefix)
+    }
+
+    fn budget(&self, channel: Channel) -> String {
+        format!("{}budget:{}", self.prefix, channel.as_str())
+    }
 }
 
 /// The hash-tag-safe form of a subject.
@@ -554,6 +604,14 @@ fn parse_challenge(
     }))
 }
 
+/// Gives one send back on each of `keys` (see `GIVE_BACK_LUA`).
+async fn give_back(scripts: &Scripts, conn: &mut Conn, keys: &[String]) -> RedisResult<()> {
+    for key in keys {
+        let _: i64 = scripts.give_back.key(key).invoke_async(conn).await?;
+    }
+    Ok(())
+}
+
 /// A two-integer script reply.
 fn pair(reply: Vec<i64>) -> RedisResult<(i64, i64)> {
     match reply.as_slice() {
@@ -567,9 +625,35 @@ impl ChallengeStore for RedisStore {
     async fn start(&self, c: &NewChallenge, limits: &Limits) -> Result<StartOutcome, StoreError> {
         let tag = user_tag(&c.subject);
         let keys = &self.keys;
-        let script = &self.scripts.start;
+        let scripts = &self.scripts;
+        let window = expiry(limits.send_window);
         let (code, ms) = self
             .run(|mut conn| async move {
+                // The shared counts first, each atomic on its own key; what
+                // was taken is given back when a later step refuses.
+                let mut taken: Vec<String> = Vec::new();
+                let mut caps = Vec::new();
+                if limits.max_sends_per_client > 0 {
+                    caps.push((keys.client(&c.client), limits.max_sends_per_client, 4));
+                }
+                if let Some(cap) = limits.budget(c.channel) {
+                    caps.push((keys.budget(c.channel), cap, 5));
+                }
+                for (key, cap, refused) in caps {
+                    let reply: Vec<i64> = scripts
+                        .take
+                        .key(&key)
+                        .arg(cap)
+                        .arg(window)
+                        .invoke_async(&mut conn)
+                        .await?;
+                    let (code, ms) = pair(reply)?;
+                    if code != 0 {
+                        give_back(scripts, &mut conn, &taken).await?;
+                        return Ok((refused, ms));
+                    }
+                    taken.push(key);
+                }
                 // The pointer goes first: if the script then refuses, it just
                 // dangles until it expires; the other order could leave a
                 // started challenge nobody can find.
@@ -581,7 +665,8 @@ impl ChallengeStore for RedisStore {
                     .arg(expiry(limits.ttl))
                     .query_async(&mut conn)
                     .await?;
-                let reply: Vec<i64> = script
+                let reply: Vec<i64> = scripts
+                    .start
                     .key(keys.lock(&tag))
                     .key(keys.cooldown(&tag, c.channel))
                     .key(keys.sends(&tag))
@@ -595,11 +680,15 @@ impl ChallengeStore for RedisStore {
                     .arg(expiry(limits.ttl))
                     .arg(millis(limits.resend_after))
                     .arg(limits.max_sends)
-                    .arg(expiry(limits.send_window))
+                    .arg(window)
                     .arg(expiry(limits.lockout))
                     .invoke_async(&mut conn)
                     .await?;
-                pair(reply)
+                let (code, ms) = pair(reply)?;
+                if code != 0 {
+                    give_back(scripts, &mut conn, &taken).await?;
+                }
+                Ok((code, ms))
             })
             .await?;
         let retry_after = retry_after(ms);
@@ -608,6 +697,8 @@ impl ChallengeStore for RedisStore {
             1 => Ok(StartOutcome::Locked { retry_after }),
             2 => Ok(StartOutcome::Cooldown { retry_after }),
             3 => Ok(StartOutcome::SendLimit { retry_after }),
+            4 => Ok(StartOutcome::ClientLimit { retry_after }),
+            5 => Ok(StartOutcome::BudgetExhausted { retry_after }),
             _ => Err(StoreError("redis: unknown start outcome".into())),
         }
     }
@@ -616,14 +707,20 @@ impl ChallengeStore for RedisStore {
         let tag = user_tag(&c.subject);
         let keys = &self.keys;
         let script = &self.scripts.abort;
+        let scripts = &self.scripts;
         self.run(|mut conn| async move {
-            let _: i64 = script
+            let undone: i64 = script
                 .key(keys.challenge(&tag, c.channel))
                 .key(keys.cooldown(&tag, c.channel))
                 .key(keys.sends(&tag))
                 .arg(&c.id)
                 .invoke_async(&mut conn)
                 .await?;
+            // Only a start that is undone gives its shared counts back.
+            if undone == 1 {
+                let shared = [keys.client(&c.client), keys.budget(c.channel)];
+                give_back(scripts, &mut conn, &shared).await?;
+            }
             Ok(())
         })
         .await
