@@ -390,7 +390,10 @@ fn problem_from_serde(e: &serde_yaml::Error) -> Problem {
     let (line, col) = e
         .location()
         .map(|l| (l.line(), l.column()))
-        .unwrap_or((0, 0));
+        // Some parser errors (e.g. a second document) carry no position:
+        // point at the start of the file rather than at a line 0 no editor
+        // can jump to.
+        .unwrap_or((1, 1));
     let mut message = e.to_string();
     // serde_yaml inserts " at line L column C"; we print the location first.
     // Keep what follows it, e.g. ", while parsing a flow mapping at line 6
