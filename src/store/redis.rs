@@ -875,3 +875,72 @@ impl ChallengeStore for RedisStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis Cluster's key slot: CRC16/XMODEM of the hash tag (the part
+    /// between the first `{` and the next `}`, when not empty) or of the
+    /// whole key, modulo 16384.
+    fn slot(key: &str) -> u16 {
+        let bytes = key.as_bytes();
+        let hashed = bytes
+            .iter()
+            .position(|&b| b == b'{')
+            .and_then(|open| {
+                let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+                (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+            })
+            .unwrap_or(bytes);
+        let mut crc: u16 = 0;
+        for &b in hashed {
+            crc ^= u16::from(b) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc % 16384
+    }
+
+    #[test]
+    // The slot function above is Redis's (test vectors from the cluster spec).
+    fn slot_matches_redis() {
+        // CRC16/XMODEM("123456789") = 0x31C3 (below 16384, so also the slot).
+        assert_eq!(slot("123456789"), 0x31C3);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("foo{bar}{zap}"), slot("bar"));
+        assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
+        // An empty first tag: the whole key is hashed.
+        assert_ne!(slot("foo{}{bar}"), slot("bar"));
+    }
+
+    #[test]
+    // Every multi-key script (start, abort, consume, fail) touches only the
+    // user's keys, and those share one hash slot for any subject (hash-tag
+    // and separator characters included), any allowed prefix and any
+    // channel; the other scripts (take, give back) and commands take one key.
+    fn every_script_touches_one_slot() {
+        for prefix in ["", "stepgate:", "a:b:"] {
+            let keys = Keys {
+                prefix: prefix.to_owned(),
+            };
+            for subject in ["alice", "{alice}", "a}b{c", "}:lock", "", "ü{}"] {
+                let tag = user_tag(subject);
+                let mut user_keys = vec![keys.lock(&tag), keys.fails(&tag), keys.sends(&tag)];
+                for channel in Channel::ALL {
+                    user_keys.push(keys.cooldown(&tag, channel));
+                    user_keys.push(keys.challenge(&tag, channel));
+                }
+                let want = slot(&format!("{{u:{tag}}}"));
+                for key in &user_keys {
+                    assert_eq!(slot(key), want, "{key} left the user's slot");
+                }
+            }
+        }
+    }
+}

@@ -3,6 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
 use super::gateway::*;
 use super::http_sink::HttpSink;
 use super::redis::RedisServer;
@@ -99,4 +102,64 @@ pub async fn mailed_code(smtp: &SmtpServer, to: &str, n: usize) -> String {
         assert!(Instant::now() < deadline, "no mail #{n} for {to}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+pub async fn post_json(gw: &TestGateway, path: &str, u: &User, body: &str) -> TestResponse {
+    request(
+        Method::POST,
+        &gw.url(path),
+        &[
+            ("authorization", &u.auth),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+pub async fn start_otp(gw: &TestGateway, u: &User, method: &str) -> TestResponse {
+    post_json(
+        gw,
+        "/.stepgate/api/otp",
+        u,
+        &format!(r#"{{"method":"{method}"}}"#),
+    )
+    .await
+}
+
+pub async fn verify(gw: &TestGateway, u: &User, cid: &str, code: &str) -> TestResponse {
+    post_json(
+        gw,
+        "/.stepgate/api/otp/verify",
+        u,
+        &serde_json::json!({"challenge_id": cid, "code": code}).to_string(),
+    )
+    .await
+}
+
+/// Start an email challenge and read its code from the mailbox.
+pub async fn email_challenge(env: &Env, gw: &TestGateway, u: &User, n: usize) -> (String, String) {
+    let res = start_otp(gw, u, "email").await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .expect("challenge_id")
+        .to_string();
+    (cid, mailed_code(&env.smtp, &u.email, n).await)
+}
+
+/// Full step-up by email; returns the second-factor token.
+pub async fn step_up(env: &Env, u: &User, n: usize) -> String {
+    let (cid, code) = email_challenge(env, &env.gw, u, n).await;
+    let res = verify(&env.gw, u, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    res.json()["token"].as_str().expect("token").to_string()
+}
+
+pub async fn protected(gw: &TestGateway, path: &str, u: &User, token: &str) -> TestResponse {
+    get(
+        &gw.url(path),
+        &[("authorization", &u.auth), ("x-second-factor-token", token)],
+    )
+    .await
 }
