@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run every stepgate test on a Debian machine with Rust installed.
 # Installs what the tests need (real redis-server, a real SMTP server,
-# openssl for test certificates, headless Chromium for the browser tests)
-# when it is missing, then runs the whole suite.
+# openssl for test certificates, headless Chromium for the browser tests,
+# Node.js and the pinned npm package oidc-provider for a real OpenID
+# provider) when it is missing, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,11 +14,19 @@ command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v openssl >/dev/null || need+=(openssl)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The identity tests' OpenID provider, exactly as locked (oidc-provider 8.8.1).
+oidc=tests/support/oidc
+if [ "$oidc/package-lock.json" -nt "$oidc/node_modules/.package-lock.json" ]; then
+  npm ci --prefix "$oidc" --no-audit --no-fund --loglevel=error
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then

@@ -45,17 +45,14 @@ pub async fn serve(
 async fn handle(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" => {
-            if gw.ready().await {
-                (StatusCode::OK, "text/plain", "ready\n".to_string())
-            } else {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "store unreachable\n".to_string(),
-                )
-            }
-        }
+        "/readyz" => match gw.ready().await {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -140,6 +140,9 @@ pub struct Jwt {
     pub cookie: String,
     pub algorithms: Vec<Algorithm>,
     pub keys: JwtKeys,
+    /// Keys fetched from the identity provider (`jwks_url`, or discovery
+    /// from `issuer` alone); `keys` is empty then.
+    pub remote: Option<crate::identity::jwks::JwksSettings>,
     /// The HS secret, kept so `stepgate token` can mint trial tokens.
     pub hs_secret: Option<Vec<u8>>,
     pub issuer: Option<String>,
@@ -761,6 +764,10 @@ mod raw {
         pub secret_file: Option<Str>,
         pub public_key: Option<Str>,
         pub jwks_file: Option<Str>,
+        pub jwks_url: Option<Str>,
+        pub ca_file: Option<Str>,
+        pub jwks_min_refresh: Option<Str>,
+        pub jwks_max_refresh: Option<Str>,
         pub issuer: Option<Str>,
         pub audience: Option<Str>,
         pub leeway: Option<Str>,
@@ -916,6 +923,16 @@ mod raw {
         pub format: Option<Str>,
         pub level: Option<Str>,
     }
+}
+
+/// The raw `identity.jwt` keys about keys fetched from the provider.
+struct RemoteKeys {
+    url: Option<raw::Str>,
+    /// The issuer, when it is to be discovered.
+    issuer: Option<raw::Str>,
+    ca_file: Option<raw::Str>,
+    min_refresh: Option<raw::Str>,
+    max_refresh: Option<raw::Str>,
 }
 
 /// Collects problems while turning raw structs into a `Config`.
@@ -1353,7 +1370,7 @@ impl Validator<'_> {
         }
     }
 
-    fn jwt(&mut self, j: raw::Jwt) -> Option<Jwt> {
+    fn jwt(&mut self, mut j: raw::Jwt) -> Option<Jwt> {
         let mut from_header = false;
         let mut from_cookie = false;
         let from = j
@@ -1404,16 +1421,33 @@ impl Validator<'_> {
         let has_secret = j.secret.is_some() || j.secret_file.is_some();
         let secret = self.secret("identity.jwt.secret", j.secret, j.secret_file);
         let mut keys = HashMap::new();
-        let sources = [has_secret, j.public_key.is_some(), j.jwks_file.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
-        if sources != 1 {
+        let sources = [
+            has_secret,
+            j.public_key.is_some(),
+            j.jwks_file.is_some(),
+            j.jwks_url.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        // The issuer alone means: discover its keys (OpenID Connect).
+        let discovery = sources == 0 && j.issuer.is_some();
+        if sources > 1 || (sources == 0 && !discovery) {
             self.problem(
                 "identity.jwt",
-                "give exactly one of secret (or secret_file), public_key, jwks_file",
+                "give exactly one of secret (or secret_file), public_key, jwks_file, jwks_url, or issuer alone for OpenID Connect discovery",
             );
         }
+        let remote = self.jwks_remote(
+            RemoteKeys {
+                url: j.jwks_url.take(),
+                issuer: j.issuer.clone().filter(|_| discovery),
+                ca_file: j.ca_file.take(),
+                min_refresh: j.jwks_min_refresh.take(),
+                max_refresh: j.jwks_max_refresh.take(),
+            },
+            !hs.is_empty(),
+        );
         let mut hs_secret = None;
         if let Some(secret) = secret {
             // Alg confusion: an HS key next to asymmetric algorithms would
@@ -1492,10 +1526,96 @@ impl Validator<'_> {
                 .unwrap_or_else(|| "access_token".into()),
             algorithms,
             keys: JwtKeys { keys },
+            remote,
             hs_secret,
             issuer: j.issuer.map(|s| s.0),
             audience: j.audience.map(|s| s.0),
             leeway,
+        })
+    }
+
+    /// Settings for keys fetched by URL or discovered from the issuer.
+    fn jwks_remote(
+        &mut self,
+        j: RemoteKeys,
+        hs: bool,
+    ) -> Option<crate::identity::jwks::JwksSettings> {
+        use crate::identity::jwks::{check_url, JwksSettings, JwksSource};
+        let wanted = j.url.is_some() || j.issuer.is_some();
+        let source = match (&j.url, &j.issuer) {
+            (Some(url), _) => match check_url(&url.0) {
+                Ok(u) => Some(JwksSource::Url(u)),
+                Err(e) => {
+                    self.problem("identity.jwt.jwks_url", e);
+                    None
+                }
+            },
+            (None, Some(iss)) => match check_url(&iss.0) {
+                Ok(_) => Some(JwksSource::Discovery {
+                    issuer: iss.0.clone(),
+                }),
+                Err(e) => {
+                    self.problem("identity.jwt.issuer", e);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let remote_only = [
+            ("identity.jwt.ca_file", j.ca_file.is_some()),
+            ("identity.jwt.jwks_min_refresh", j.min_refresh.is_some()),
+            ("identity.jwt.jwks_max_refresh", j.max_refresh.is_some()),
+        ];
+        if !wanted {
+            for (key, set) in remote_only {
+                if set {
+                    self.problem(key, "applies only with jwks_url or issuer discovery");
+                }
+            }
+            return None;
+        }
+        if hs {
+            self.problem(
+                "identity.jwt.algorithms",
+                "HS algorithms are refused with keys from the identity provider",
+            );
+        }
+        let ca_file = j
+            .ca_file
+            .as_ref()
+            .and_then(|f| self.existing_file("identity.jwt.ca_file", &f.0));
+        if let Some(path) = &ca_file {
+            let mut roots = rustls::RootCertStore::empty();
+            if let Err(e) = crate::proxy::add_ca_file(&mut roots, path) {
+                self.problem("identity.jwt.ca_file", format!("cannot load {e}"));
+            }
+        }
+        let min_refresh = self.duration(
+            "identity.jwt.jwks_min_refresh",
+            j.min_refresh,
+            Duration::from_secs(30),
+        );
+        let max_refresh = self.duration(
+            "identity.jwt.jwks_max_refresh",
+            j.max_refresh,
+            Duration::from_secs(3600),
+        );
+        if min_refresh > Duration::from_secs(3600) {
+            self.problem("identity.jwt.jwks_min_refresh", "must be at most 1h");
+        }
+        if max_refresh < Duration::from_secs(1) || max_refresh > Duration::from_secs(7 * 86400) {
+            self.problem("identity.jwt.jwks_max_refresh", "must be within 1s..=7d");
+        } else if max_refresh < min_refresh {
+            self.problem(
+                "identity.jwt.jwks_max_refresh",
+                "must not be shorter than jwks_min_refresh",
+            );
+        }
+        Some(JwksSettings {
+            source: source?,
+            ca_file,
+            min_refresh,
+            max_refresh,
         })
     }
 

@@ -55,7 +55,7 @@ impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
         let metrics = Arc::new(Metrics::new());
         let store = crate::store::from_config(&config.store)?;
-        let state = State::build(config, store.clone(), metrics.clone())?;
+        let state = State::build(config, store.clone(), metrics.clone(), None)?;
         Ok(Arc::new(Gateway {
             store_config: state.config.store.clone(),
             state: ArcSwap::from_pointee(state),
@@ -93,15 +93,26 @@ impl Gateway {
         if config.store != self.store_config {
             tracing::warn!("store changes need a restart; keeping the old store");
         }
-        let state = State::build(config, self.store.clone(), self.metrics.clone())?;
+        let previous = self.state.load();
+        let state = State::build(
+            config,
+            self.store.clone(),
+            self.metrics.clone(),
+            Some(&previous),
+        )?;
         self.metrics.reload(true);
         self.state.store(Arc::new(state));
         Ok(())
     }
 
-    /// Whether the gateway can serve protected routes (store reachable).
-    pub async fn ready(&self) -> bool {
-        self.store.ping().await.is_ok()
+    /// Whether the gateway can serve protected routes: the store is
+    /// reachable and the identity provider's keys have arrived. `Err` says
+    /// what is missing.
+    pub async fn ready(&self) -> Result<(), &'static str> {
+        if !self.state.load().auth.keys_ready() {
+            return Err("identity provider keys not fetched yet");
+        }
+        self.store.ping().await.map_err(|_| "store unreachable")
     }
 
     /// Serve one request.
@@ -191,7 +202,7 @@ impl Gateway {
 
         // Per-request facts travel in request extensions: the identity here,
         // the verified second factor below.
-        match state.auth.authenticate(req.headers(), conn.peer.ip()) {
+        match state.auth.authenticate(req.headers(), conn.peer.ip()).await {
             Ok(Some(id)) => {
                 req.extensions_mut().insert(id);
             }
@@ -212,6 +223,9 @@ impl Gateway {
         // future (moved on each poll setup) several times bigger.
         if under_prefix(&path, &cfg.stepup.prefix) {
             log.rule = self.gateway_rule.clone();
+            if let Some(res) = keys_pending(state, &req, log) {
+                return res;
+            }
             let (res, outcome) = Box::pin(state.stepup.endpoint(req, &path, conn)).await;
             log.outcome = outcome;
             return res;
@@ -258,6 +272,9 @@ impl Gateway {
             Action::Public => {}
             Action::Identity | Action::StepUp(_) => {
                 let Some(id) = req.extensions().get::<Identity>().cloned() else {
+                    if let Some(res) = keys_pending(state, &req, log) {
+                        return res;
+                    }
                     log.outcome = Outcome::Unauthenticated;
                     return unauthenticated(&req, cfg.identity.login_url.as_deref());
                 };
@@ -350,8 +367,9 @@ impl State {
         config: Config,
         store: Arc<dyn ChallengeStore>,
         metrics: Arc<Metrics>,
+        previous: Option<&State>,
     ) -> Result<State, String> {
-        let auth = Authenticator::new(&config.identity);
+        let auth = Authenticator::new(&config.identity, &metrics, previous.map(|p| &p.auth))?;
         let proxy = Proxy::new(&config.upstream)?;
         let stepup = Stepup::new(&config, store, metrics)?;
         Ok(State {
@@ -367,6 +385,28 @@ struct RequestLog {
     rule: Arc<str>,
     path: String,
     outcome: Outcome,
+}
+
+/// A request without an identity while the identity provider's keys have
+/// not arrived yet: its token could not be checked, so fail closed (503)
+/// rather than ask the user to sign in again.
+fn keys_pending<B>(
+    state: &State,
+    req: &Request<B>,
+    log: &mut RequestLog,
+) -> Option<Response<Body>> {
+    if req.extensions().get::<Identity>().is_some() || state.auth.keys_ready() {
+        return None;
+    }
+    log.outcome = Outcome::IdentityUnavailable;
+    let mut res = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "identity_unavailable",
+        "sign-in cannot be checked right now; try again shortly",
+    );
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    Some(res)
 }
 
 /// `path` is the prefix itself or below it (whole segments only).

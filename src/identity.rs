@@ -2,9 +2,13 @@
 //! cookie) or from a header set by a trusted proxy in front.
 //!
 //! The result travels in request extensions as [`Identity`]; the session it
-//! names is what second-factor tokens are bound to.
+//! names is what second-factor tokens are bound to. Verification keys come
+//! from the config or from the identity provider (`jwks.rs`).
+
+pub mod jwks;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -14,7 +18,9 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use self::jwks::{KeySet, Keys, RemoteKeys};
 use crate::config;
+use crate::telemetry::Metrics;
 
 /// The signed-in user behind a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,17 +51,59 @@ pub enum IdentityError {
     /// one and the app might read another, so the request is refused.
     #[error("more than one primary credential")]
     Ambiguous,
+    /// The identity provider's keys have not been fetched yet.
+    #[error("no keys from the identity provider yet")]
+    KeysUnavailable,
 }
 
 /// Turns request headers into an [`Identity`].
 #[derive(Clone)]
 pub struct Authenticator {
     cfg: config::Identity,
+    /// JWT verification keys (`None` without `identity.jwt`).
+    keys: Option<Keys>,
 }
 
 impl Authenticator {
-    pub fn new(cfg: &config::Identity) -> Authenticator {
-        Authenticator { cfg: cfg.clone() }
+    /// Keys fetched from the identity provider are taken over from
+    /// `previous` (the authenticator of the policy being replaced) when
+    /// they come from the same place, so a reload neither refetches them
+    /// nor fails closed meanwhile.
+    pub fn new(
+        cfg: &config::Identity,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Authenticator>,
+    ) -> Result<Authenticator, String> {
+        let keys = match cfg.jwt.as_ref().map(|j| (j, &j.remote)) {
+            None => None,
+            Some((_, Some(settings))) => {
+                let reuse = previous.and_then(|p| match &p.keys {
+                    Some(Keys::Remote(r)) if r.settings() == settings => Some(r.clone()),
+                    _ => None,
+                });
+                Some(Keys::Remote(match reuse {
+                    Some(r) => r,
+                    None => Arc::new(RemoteKeys::start(settings.clone(), metrics.clone())?),
+                }))
+            }
+            Some((jwt, None)) => Some(Keys::Fixed(Arc::new(KeySet::new(jwt.keys.keys.clone())))),
+        };
+        Ok(Authenticator {
+            cfg: cfg.clone(),
+            keys,
+        })
+    }
+
+    /// Whether JWTs can be verified: false until the identity provider's
+    /// keys first arrive (requests needing an identity then fail closed).
+    pub fn keys_ready(&self) -> bool {
+        self.keys.as_ref().is_none_or(Keys::is_ready)
+    }
+
+    /// The generation of the current key set: changes whenever the keys
+    /// do, so caches of verified tokens must include it in their key.
+    pub fn key_generation(&self) -> Option<u64> {
+        self.keys.as_ref()?.current().map(|s| s.generation)
     }
 
     /// Whether `peer` may assert identity by header.
@@ -77,14 +125,14 @@ impl Authenticator {
 
     /// The identity in `headers`, if any. `Ok(None)` when no credential was
     /// presented; `Err` when one was presented and is not valid.
-    pub fn authenticate(
+    pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         peer: IpAddr,
     ) -> Result<Option<Identity>, IdentityError> {
         if let Some(jwt) = &self.cfg.jwt {
             if let Some(token) = bearer_or_cookie(jwt, headers)? {
-                return self.verify_jwt(jwt, token).map(Some);
+                return self.verify_jwt(jwt, token).await.map(Some);
             }
         }
         if let Some(t) = &self.cfg.trusted_header {
@@ -112,7 +160,7 @@ impl Authenticator {
         Ok(None)
     }
 
-    fn verify_jwt(&self, jwt: &config::Jwt, token: &str) -> Result<Identity, IdentityError> {
+    async fn verify_jwt(&self, jwt: &config::Jwt, token: &str) -> Result<Identity, IdentityError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::Header)?;
         // The gateway's own second-factor tokens are never primary
         // credentials, even if an operator reused one key for both.
@@ -122,13 +170,18 @@ impl Authenticator {
         if !jwt.algorithms.contains(&header.alg) {
             return Err(IdentityError::Algorithm(header.alg));
         }
-        let kid = header.kid.clone().unwrap_or_default();
-        let (key, key_alg) = jwt
-            .keys
-            .keys
-            .get(&kid)
-            .or_else(|| jwt.keys.keys.get(""))
-            .ok_or_else(|| IdentityError::UnknownKey(kid.clone()))?;
+        let keys = self.keys.as_ref().ok_or(IdentityError::KeysUnavailable)?;
+        let kid = header.kid.as_deref();
+        let mut set = keys.current();
+        if set.as_ref().is_none_or(|s| s.get(kid).is_none()) {
+            // A key the provider rotated in since the last fetch (or the
+            // first set, still missing): fetch again, rate-limited.
+            set = keys.refetch_for_unknown_kid().await;
+        }
+        let set = set.ok_or(IdentityError::KeysUnavailable)?;
+        let (key, key_alg) = set
+            .get(kid)
+            .ok_or_else(|| IdentityError::UnknownKey(kid.unwrap_or_default().to_string()))?;
         if key_alg.is_some_and(|a| a != header.alg) {
             return Err(IdentityError::Algorithm(header.alg));
         }
@@ -301,10 +354,10 @@ mod sf_tests {
     use super::*;
     use crate::config::Config;
 
-    #[test]
+    #[tokio::test]
     // With one key for both, a second-factor token still never passes as a
     // primary token (typ and audience are the gateway's own).
-    fn second_factor_token_is_not_a_primary_token() {
+    async fn second_factor_token_is_not_a_primary_token() {
         let key = "shared-key-0123456789abcdef0123456789";
         let yaml = format!(
             "upstream: {{ url: http://127.0.0.1:1 }}\nidentity:\n  jwt: {{ algorithms: [HS256], secret: {key} }}\nstepup:\n  token: {{ signing_key: {key} }}\n  console: true\ndev: true\n"
@@ -314,7 +367,8 @@ mod sf_tests {
         let sf = crate::token::Tokens::new(&cfg.stepup.token)
             .issue("alice", "sid:1", crate::delivery::Channel::Email)
             .unwrap_or_default();
-        let auth = Authenticator::new(&cfg.identity);
+        let auth = Authenticator::new(&cfg.identity, &Default::default(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut h = HeaderMap::new();
         h.insert(
             AUTHORIZATION,
@@ -322,7 +376,10 @@ mod sf_tests {
                 .parse()
                 .unwrap_or_else(|_| unreachable!()),
         );
-        assert!(auth.authenticate(&h, IpAddr::from([127, 0, 0, 1])).is_err());
+        assert!(auth
+            .authenticate(&h, IpAddr::from([127, 0, 0, 1]))
+            .await
+            .is_err());
         // A same-key token without the gateway's typ but with its audience is refused too.
         let claims = serde_json::json!({"sub": "alice", "exp": crate::token::unix_now() + 60, "aud": crate::token::AUDIENCE});
         let forged = jsonwebtoken::encode(
@@ -337,6 +394,9 @@ mod sf_tests {
                 .parse()
                 .unwrap_or_else(|_| unreachable!()),
         );
-        assert!(auth.authenticate(&h, IpAddr::from([127, 0, 0, 1])).is_err());
+        assert!(auth
+            .authenticate(&h, IpAddr::from([127, 0, 0, 1]))
+            .await
+            .is_err());
     }
 }

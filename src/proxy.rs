@@ -425,7 +425,7 @@ fn splice_upgrade(
     Response::from_parts(parts, empty())
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {
@@ -436,8 +436,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// rustls client config for an https upstream: system roots plus an
-/// optional CA file.
 /// Add the CA certificates of a PEM file to `roots`. The config loader
 /// calls this too, so `stepgate check` refuses what `run` would.
 pub fn add_ca_file(
@@ -461,7 +459,11 @@ pub fn add_ca_file(
     Ok(())
 }
 
-fn upstream_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+/// rustls client config for an https upstream (or the identity provider):
+/// system roots plus an optional CA file.
+pub(crate) fn upstream_tls(
+    ca_file: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {

@@ -48,6 +48,8 @@ pub enum Outcome {
     UpstreamError,
     Gateway,
     StoreUnavailable,
+    /// The identity provider's keys have not arrived yet.
+    IdentityUnavailable,
 }
 
 impl Outcome {
@@ -61,6 +63,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::Gateway => "gateway",
             Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::IdentityUnavailable => "identity_unavailable",
         }
     }
 }
@@ -96,6 +99,11 @@ struct RefusedLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 /// The gateway's Prometheus metrics.
 pub struct Metrics {
     registry: Registry,
@@ -105,6 +113,10 @@ pub struct Metrics {
     connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     reloads: Family<EventLabels, Counter<u64, AtomicU64>>,
     sends_refused: Family<RefusedLabels, Counter>,
+    jwks_fetches: Family<ResultLabels, Counter<u64, AtomicU64>>,
+    jwks_age: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Unix seconds of the last good key-set fetch (0: none yet).
+    jwks_fetched_at: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -154,9 +166,24 @@ impl Metrics {
             "Codes not sent, by channel and reason (locked, cooldown, max_sends, max_sends_per_client, hourly_budget, sms_country)",
             sends_refused.clone(),
         );
+        let jwks_fetches = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "jwks_fetches",
+            "Fetches of the identity provider's key set by result (ok, error)",
+            jwks_fetches.clone(),
+        );
+        let jwks_age = Gauge::default();
+        registry.register(
+            "jwks_age_seconds",
+            "Seconds since the identity provider's key set was last fetched successfully (-1: never)",
+            jwks_age.clone(),
+        );
         Metrics {
             sends_refused,
             registry,
+            jwks_fetches,
+            jwks_age,
+            jwks_fetched_at: AtomicU64::new(0),
             requests,
             duration,
             audit,
@@ -198,8 +225,32 @@ impl Metrics {
             .inc();
     }
 
+    /// A fetch of the identity provider's key set ended.
+    pub fn jwks_fetch(&self, ok: bool) {
+        self.jwks_fetches
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// The identity provider's key set was fetched successfully at `unix` seconds.
+    pub fn jwks_loaded(&self, unix: u64) {
+        self.jwks_fetched_at
+            .store(unix, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
+        let at = self
+            .jwks_fetched_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if at > 0 {
+            let age = crate::token::unix_now().saturating_sub(at);
+            self.jwks_age.set(i64::try_from(age).unwrap_or(i64::MAX));
+        } else {
+            self.jwks_age.set(-1);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod flow;
 pub mod gateway;
 pub mod http_sink;
+pub mod oidc;
 pub mod redis;
 pub mod smtp;
 pub mod upstream;

@@ -1,0 +1,389 @@
+//! Primary identity from a real OpenID provider (oidc-provider on Node.js,
+//! see tests/support/oidc.rs): keys by JWKS URL and by discovery, rotation
+//! while running, the provider down at start and after a good fetch.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::gateway::{get, TestGateway, TestResponse};
+use support::oidc::OidcProvider;
+use support::upstream::Upstream;
+
+/// The audience (resource indicator) of every test token.
+const AUDIENCE: &str = "https://app.test";
+/// How long a test waits for something the gateway does in the background.
+const WITHIN: Duration = Duration::from_secs(30);
+
+/// A gateway config whose `identity.jwt` has the lines in `jwt` (indented
+/// by four spaces).
+fn yaml(upstream: &Upstream, jwt: &str) -> String {
+    format!(
+        r#"listen: {{ address: 127.0.0.1:0 }}
+admin: {{ address: 127.0.0.1:0 }}
+upstream: {{ url: "http://{}", timeout: 5s }}
+identity:
+  jwt:
+{jwt}
+    audience: {AUDIENCE}
+    leeway: 0s
+stepup:
+  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}
+  console: true
+routes:
+  - name: static
+    path: /assets/**
+    public: true
+  - name: account
+    path: /account/**
+  - name: admin
+    path: /admin/**
+    stepup: {{ max_age: 5m }}
+dev: true
+"#,
+        upstream.addr
+    )
+}
+
+fn user(sub: &str) -> Value {
+    json!({"sub": sub, "email": format!("{sub}@example.com"), "sid": format!("sid-{sub}")})
+}
+
+async fn get_as(gw: &TestGateway, path: &str, token: &str) -> TestResponse {
+    get(
+        &gw.url(path),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+}
+
+/// Poll `probe` until it returns true, failing after [`WITHIN`].
+async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WITHIN;
+    while !probe().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn wait_ready(gw: &TestGateway) {
+    eventually("/readyz 200", || async {
+        get(&gw.admin_url("/readyz"), &[]).await.status == 200
+    })
+    .await;
+}
+
+/// The value of a metric line starting with `prefix` (0 when absent).
+async fn metric(gw: &TestGateway, prefix: &str) -> f64 {
+    let text = get(&gw.admin_url("/metrics"), &[]).await.text();
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `token` with its header's `kid` replaced (signature left as is): what a
+/// forger or a provider with a key we never saw would send.
+fn with_kid(token: &str, kid: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let mut parts = token.splitn(2, '.');
+    let (_, rest) = (parts.next(), parts.next().expect("a JWT"));
+    let header = json!({"alg": "RS256", "typ": "at+jwt", "kid": kid});
+    format!("{}.{rest}", URL_SAFE_NO_PAD.encode(header.to_string()))
+}
+
+#[tokio::test]
+// The convenient form: `issuer` alone finds the keys by OpenID discovery,
+// and a real provider's RS256 access token (typ at+jwt) is accepted.
+async fn discovery_from_issuer_accepts_real_tokens() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&yaml(&up, &format!("    issuer: {}", idp.issuer()))).await;
+    wait_ready(&gw).await;
+
+    let token = idp.token(AUDIENCE, &user("alice")).await;
+    let res = get_as(&gw, "/account/me", &token).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!(
+        res.upstream_header("x-stepgate-user").as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        res.upstream_header("x-stepgate-email").as_deref(),
+        Some("alice@example.com")
+    );
+    // The provider's token for another audience is refused.
+    let other = idp.token("https://other.test", &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &other).await.status, 401);
+    assert!(metric(&gw, "stepgate_jwks_fetches_total{result=\"ok\"}").await >= 1.0);
+    let age = metric(&gw, "stepgate_jwks_age_seconds").await;
+    assert!((0.0..60.0).contains(&age), "key-set age {age}");
+}
+
+#[tokio::test]
+// The provider rotates its signing key while the gateway runs: a token
+// signed with the new key is accepted at once (unknown kid -> one refetch),
+// and tokens signed with the old, still published, key keep working.
+async fn rotation_at_the_provider_needs_no_restart() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let jwt = format!(
+        "    jwks_url: {}\n    issuer: {}",
+        idp.jwks_url(),
+        idp.issuer()
+    );
+    let gw = TestGateway::start(&yaml(&up, &jwt)).await;
+    wait_ready(&gw).await;
+    let old = idp.token(AUDIENCE, &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &old).await.status, 200);
+    let fetches = idp.jwks_requests().await;
+
+    let new_kid = idp.rotate(true).await;
+    let new = idp.token(AUDIENCE, &user("bob")).await;
+    assert!(new.len() > 20 && new_kid.len() > 4);
+    let res = get_as(&gw, "/account/me", &new).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!(
+        res.upstream_header("x-stepgate-user").as_deref(),
+        Some("bob")
+    );
+    assert_eq!(idp.jwks_requests().await, fetches + 1, "one refetch");
+    assert_eq!(get_as(&gw, "/account/me", &old).await.status, 200);
+}
+
+#[tokio::test]
+// A key withdrawn at the provider stops verifying tokens after the next
+// background refresh, which follows the JWKS Cache-Control max-age (here
+// 1s) without any token asking for it.
+async fn withdrawn_key_is_dropped_by_the_background_refresh() {
+    let idp = OidcProvider::start();
+    idp.set_jwks_max_age(Some(1)).await;
+    let up = Upstream::start().await;
+    let jwt = format!("    jwks_url: {}\n    jwks_min_refresh: 1s", idp.jwks_url());
+    let gw = TestGateway::start(&yaml(&up, &jwt)).await;
+    wait_ready(&gw).await;
+    let old = idp.token(AUDIENCE, &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &old).await.status, 200);
+
+    idp.rotate(false).await;
+    let before = idp.jwks_requests().await;
+    eventually("a background refresh", || async {
+        idp.jwks_requests().await > before
+    })
+    .await;
+    eventually("the old key to be refused", || async {
+        get_as(&gw, "/account/me", &old).await.status == 401
+    })
+    .await;
+    let new = idp.token(AUDIENCE, &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &new).await.status, 200);
+}
+
+#[tokio::test]
+// A flood of tokens naming kids the provider never published costs the
+// provider at most one extra fetch per jwks_min_refresh (default 30s).
+async fn unknown_kids_are_refetched_rate_limited() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&yaml(&up, &format!("    jwks_url: {}", idp.jwks_url()))).await;
+    wait_ready(&gw).await;
+    let fetches = idp.jwks_requests().await;
+    let token = idp.token(AUDIENCE, &user("mallory")).await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (url, bogus) = (
+            gw.url("/account/me"),
+            with_kid(&token, &format!("bogus-{i}")),
+        );
+        tasks.push(tokio::spawn(async move {
+            get(&url, &[("authorization", &format!("Bearer {bogus}"))])
+                .await
+                .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("request task"), 401);
+    }
+    let extra = idp.jwks_requests().await - fetches;
+    assert!(extra <= 1, "{extra} fetches for 40 bogus kids");
+    // The real token still passes.
+    assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+}
+
+#[tokio::test]
+// The provider is down when the gateway starts: fail closed (503, /readyz
+// 503) where an identity is needed, public routes flow; once the provider
+// is up the keys arrive without a restart.
+async fn provider_down_at_start_fails_closed_until_keys_arrive() {
+    let mut idp = OidcProvider::stopped(None);
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&yaml(&up, &format!("    issuer: {}", idp.issuer()))).await;
+
+    let ready = get(&gw.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.text().contains("identity provider"),
+        "{}",
+        ready.text()
+    );
+    let res = get(&gw.url("/account/me"), &[("authorization", "Bearer a.b.c")]).await;
+    assert_eq!(res.status, 503);
+    assert_eq!(res.json()["error"], "identity_unavailable");
+    assert_eq!(get(&gw.url("/account/me"), &[]).await.status, 503);
+    assert_eq!(get(&gw.url("/admin/x"), &[]).await.status, 503);
+    assert_eq!(
+        get(&gw.url("/.stepgate/api/methods"), &[]).await.status,
+        503
+    );
+    assert_eq!(get(&gw.url("/assets/app.css"), &[]).await.status, 200);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    eventually("a failed fetch", || async {
+        metric(&gw, "stepgate_jwks_fetches_total{result=\"error\"}").await >= 1.0
+    })
+    .await;
+    assert_eq!(metric(&gw, "stepgate_jwks_age_seconds").await, -1.0);
+
+    idp.start_again();
+    wait_ready(&gw).await;
+    let token = idp.token(AUDIENCE, &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+}
+
+#[tokio::test]
+// The provider goes down after a good fetch: the last good set is kept
+// (tokens verify, /readyz stays 200) while fetches fail; when it is back
+// with a new key, tokens signed with that key are accepted.
+async fn provider_down_after_a_good_fetch_keeps_the_last_set() {
+    let mut idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let jwt = format!("    issuer: {}\n    jwks_min_refresh: 1s", idp.issuer());
+    let gw = TestGateway::start(&yaml(&up, &jwt)).await;
+    wait_ready(&gw).await;
+    let token = idp.token(AUDIENCE, &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+
+    idp.stop();
+    // An unknown kid makes the gateway try the (down) provider.
+    let bogus = with_kid(&token, "not-published");
+    eventually("a failed fetch", || async {
+        let _ = get_as(&gw, "/account/me", &bogus).await;
+        metric(&gw, "stepgate_jwks_fetches_total{result=\"error\"}").await >= 1.0
+    })
+    .await;
+    assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+    assert_eq!(get(&gw.admin_url("/readyz"), &[]).await.status, 200);
+
+    idp.start_again();
+    idp.rotate(false).await;
+    let new = idp.token(AUDIENCE, &user("bob")).await;
+    eventually("the new key to be fetched", || async {
+        get_as(&gw, "/account/me", &new).await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+// Keys over TLS: an https provider with a private CA is trusted through
+// identity.jwt.ca_file, and not without it (system roots only).
+async fn https_provider_needs_its_ca() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-cert.sh"
+    ))
+    .arg(certs.path())
+    .output()
+    .expect("gen-dev-cert.sh runs");
+    assert!(out.status.success());
+    let (cert, key, ca) = (
+        certs.path().join("server.crt"),
+        certs.path().join("server.key"),
+        certs.path().join("ca.crt"),
+    );
+    let idp = OidcProvider::start_tls(&cert, &key, &ca);
+    let up = Upstream::start().await;
+
+    let without = TestGateway::start(&yaml(&up, &format!("    issuer: {}", idp.issuer()))).await;
+    eventually("a failed TLS fetch", || async {
+        metric(&without, "stepgate_jwks_fetches_total{result=\"error\"}").await >= 1.0
+    })
+    .await;
+    assert_eq!(get(&without.admin_url("/readyz"), &[]).await.status, 503);
+
+    let jwt = format!(
+        "    issuer: {}\n    ca_file: {}",
+        idp.issuer(),
+        ca.display()
+    );
+    let gw = TestGateway::start(&yaml(&up, &jwt)).await;
+    wait_ready(&gw).await;
+    let token = idp.token(AUDIENCE, &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+}
+
+#[tokio::test]
+// A policy reload keeps the fetched keys: no refetch, never unready.
+async fn reload_keeps_the_fetched_keys() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let text = yaml(&up, &format!("    jwks_url: {}", idp.jwks_url()));
+    let gw = TestGateway::start(&text).await;
+    wait_ready(&gw).await;
+    let fetches = idp.jwks_requests().await;
+    let running = gw.running.as_ref().expect("running");
+    running
+        .gateway
+        .reload(support::gateway::load(&text))
+        .expect("reload");
+    assert_eq!(get(&gw.admin_url("/readyz"), &[]).await.status, 200);
+    let token = idp.token(AUDIENCE, &user("alice")).await;
+    assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+    assert_eq!(idp.jwks_requests().await, fetches);
+}
+
+#[test]
+// Config mistakes around provider keys are reported with their location.
+fn provider_key_config_errors() {
+    let check = |jwt: &str| -> String {
+        let text = format!(
+            "upstream: {{ url: http://127.0.0.1:1 }}\nstepup:\n  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}\nidentity:\n  jwt:\n{jwt}\n"
+        );
+        match stepgate::Config::from_yaml(
+            std::path::Path::new("g.yaml"),
+            &text,
+            &Default::default(),
+        ) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(check("    issuer: https://idp.example.com"), "");
+    assert_eq!(check("    jwks_url: https://idp.example.com/jwks"), "");
+    let e = check("    jwks_url: http://idp.example.com/jwks");
+    assert!(e.contains("g.yaml:6:") && e.contains("https"), "{e}");
+    let e = check("    jwks_url: https://idp.example.com/jwks\n    algorithms: [HS256]");
+    assert!(e.contains("HS algorithms"), "{e}");
+    let e = check(
+        "    secret: 0123456789abcdef0123456789abcdef\n    algorithms: [HS256]\n    ca_file: x.pem",
+    );
+    assert!(
+        e.contains("identity.jwt.ca_file") || e.contains("applies only"),
+        "{e}"
+    );
+    let e = check("    jwks_url: https://idp.example.com/jwks\n    public_key: k.pem");
+    assert!(e.contains("exactly one"), "{e}");
+    let e = check(
+        "    jwks_url: https://idp.example.com/jwks\n    jwks_min_refresh: 10m\n    jwks_max_refresh: 5m",
+    );
+    assert!(e.contains("jwks_max_refresh"), "{e}");
+    // Neither keys nor an issuer.
+    let e = check("    audience: x");
+    assert!(e.contains("issuer alone"), "{e}");
+}
