@@ -237,8 +237,9 @@ impl Gateway {
         }
         // A method override header must not move the request to a rule the
         // policy did not check (e.g. POST + X-HTTP-Method-Override: DELETE).
+        // Every line counts: an app may read the last copy, not the first.
         for name in &proxy::METHOD_OVERRIDE {
-            if let Some(v) = req.headers().get(name) {
+            for v in req.headers().get_all(name) {
                 let same = Method::from_bytes(v.as_bytes())
                     .map(|m| same_rule(cfg.policy.route(&m, host.as_deref(), &path), rule))
                     .unwrap_or(false);

@@ -183,6 +183,28 @@ impl TestResponse {
     pub fn upstream_header(&self, name: &str) -> Option<String> {
         self.json()["headers"][name].as_str().map(str::to_string)
     }
+
+    /// Every value the echo upstream received for `name` (lower case), one
+    /// per header line, in order: a duplicate cannot hide behind the first.
+    pub fn upstream_header_all(&self, name: &str) -> Vec<String> {
+        self.json()["header_lines"]
+            .as_array()
+            .expect("an echo response with header_lines")
+            .iter()
+            .filter(|l| l[0].as_str() == Some(name))
+            .filter_map(|l| l[1].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Every header name the echo upstream received, one per line.
+    pub fn upstream_header_names(&self) -> Vec<String> {
+        self.json()["header_lines"]
+            .as_array()
+            .expect("an echo response with header_lines")
+            .iter()
+            .filter_map(|l| l[0].as_str().map(str::to_string))
+            .collect()
+    }
 }
 
 /// Send one request over a fresh HTTP/1.1 connection.

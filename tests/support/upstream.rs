@@ -2,7 +2,9 @@
 //! as JSON, streams and swallows large bodies, answers slowly on demand, and
 //! echoes WebSocket messages.
 //!
-//! - `/echo...` (any other path): `{"method","path","headers":{..},"body_len"}`
+//! - `/echo...` (any other path): `{"method","path","headers":{..},"header_lines":[[name,value],..],"body_len"}`
+//!   (`headers` keeps one value per name; `header_lines` keeps every line, so
+//!   a second copy of a header is never hidden)
 //! - `/slow?ms=N`: waits N ms before the response head
 //! - `/stream?bytes=N`: a streamed body of N bytes (generated, never held whole)
 //! - `/upload`: reads the body chunk by chunk, answers `{"received":N}`
@@ -208,6 +210,13 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                     )
                 })
                 .collect();
+            let header_lines: Vec<serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    serde_json::json!([k.as_str(), String::from_utf8_lossy(v.as_bytes())])
+                })
+                .collect();
             let method = req.method().to_string();
             let pq = req
                 .uri()
@@ -223,6 +232,7 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                 "method": method,
                 "path": pq,
                 "headers": headers,
+                "header_lines": header_lines,
                 "body_len": body_len,
                 "upstream": "echo",
             });

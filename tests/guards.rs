@@ -1,0 +1,420 @@
+//! Guards for the gateway's security decisions (#10, "the project's own
+//! suite must guard every security decision"): each test here fails if the
+//! decision it names is deleted or weakened. Real parts only: the gateway
+//! in-process or as the binary, a real SMTP server, a real redis-server, a
+//! real echo upstream that reports every header line it received.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::flow::*;
+use support::gateway::*;
+
+async fn post_json(gw: &TestGateway, path: &str, u: &User, body: &str) -> TestResponse {
+    request(
+        Method::POST,
+        &gw.url(path),
+        &[
+            ("authorization", &u.auth),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+async fn start_otp(gw: &TestGateway, u: &User, method: &str) -> TestResponse {
+    post_json(
+        gw,
+        "/.stepgate/api/otp",
+        u,
+        &format!(r#"{{"method":"{method}"}}"#),
+    )
+    .await
+}
+
+async fn verify(gw: &TestGateway, u: &User, cid: &str, code: &str) -> TestResponse {
+    post_json(
+        gw,
+        "/.stepgate/api/otp/verify",
+        u,
+        &serde_json::json!({"challenge_id": cid, "code": code}).to_string(),
+    )
+    .await
+}
+
+/// Start an email challenge and read its code from the mailbox.
+async fn email_challenge(env: &Env, u: &User, n: usize) -> (String, String) {
+    let res = start_otp(&env.gw, u, "email").await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .expect("challenge_id")
+        .to_string();
+    (cid, mailed_code(&env.smtp, &u.email, n).await)
+}
+
+/// Full step-up by email; returns the second-factor token.
+async fn step_up(env: &Env, u: &User, n: usize) -> String {
+    let (cid, code) = email_challenge(env, u, n).await;
+    let res = verify(&env.gw, u, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    res.json()["token"].as_str().expect("token").to_string()
+}
+
+async fn protected(gw: &TestGateway, path: &str, u: &User, token: &str) -> TestResponse {
+    get(
+        &gw.url(path),
+        &[("authorization", &u.auth), ("x-second-factor-token", token)],
+    )
+    .await
+}
+
+/// A code that is surely not `code`.
+fn wrong(code: &str) -> String {
+    if code.starts_with('0') {
+        "1".repeat(code.len())
+    } else {
+        "0".repeat(code.len())
+    }
+}
+
+/// A numeric claim of a token (read without verifying; the gateway verifies).
+fn token_claim(token: &str, name: &str) -> u64 {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url payload"),
+    )
+    .expect("JSON claims");
+    claims[name].as_u64().expect("numeric claim")
+}
+
+/// Claims of a second-factor token exactly as the gateway issues them, for
+/// `session` (the primary identity's session string, e.g. `sid:s1`).
+fn sf_claims(sub: &str, session: &str, channel: &str) -> serde_json::Value {
+    let now = stepgate::token::unix_now();
+    serde_json::json!({
+        "iss": stepgate::token::ISSUER,
+        "aud": stepgate::token::AUDIENCE,
+        "sub": sub,
+        "ses": stepgate::token::session_hash(session),
+        "amr": ["otp", channel],
+        "auth_time": now,
+        "iat": now,
+        "exp": now + 600,
+        "jti": format!("forged-{now}-{sub}"),
+    })
+}
+
+/// Sign second-factor claims with the gateway's token type header.
+fn sign_sf(
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    claims: &serde_json::Value,
+) -> String {
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.typ = Some(stepgate::token::TOKEN_TYPE.into());
+    jsonwebtoken::encode(&header, claims, key).expect("sign")
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// An HS256 JWT over `claims` whose HMAC key is `key` (any bytes, e.g. a
+/// public key's PEM text), with extra header fields.
+fn hs256_with_key(key: &[u8], typ: Option<&str>, claims: &serde_json::Value) -> String {
+    use hmac::Mac;
+    let mut head = serde_json::json!({"alg": "HS256"});
+    if let Some(t) = typ {
+        head["typ"] = t.into();
+    }
+    let signing_input = format!(
+        "{}.{}",
+        b64(head.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("hmac key");
+    mac.update(signing_input.as_bytes());
+    format!("{signing_input}.{}", b64(&mac.finalize().into_bytes()))
+}
+
+// ------------------------------------------------ forwarded header lines
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Protects against a client's own X-Stepgate-* lines reaching the app beside
+// the gateway's (the app might read the first or the last copy).
+async fn spoofed_gateway_headers_are_never_forwarded_beside_the_real_ones() {
+    let env = Env::start(false, OTP).await;
+    let u = user("gus", Some("s1"));
+    let token = step_up(&env, &u, 0).await;
+    let res = get(
+        &env.gw.url("/admin/panel"),
+        &[
+            ("authorization", &u.auth),
+            ("x-second-factor-token", &token),
+            ("X-Stepgate-User", "mallory"),
+            ("x-stepgate-user", "root"),
+            ("X-Stepgate-Email", "mallory@evil.test"),
+            ("X-Stepgate-Stepup", "sms"),
+            ("x-stepgate-stepup", "email"),
+            ("X-Stepgate-Stepup-Age", "0"),
+            ("X_Stepgate_User", "mallory"),
+            ("x_stepgate_email", "mallory@evil.test"),
+            ("X-Forwarded-User", "root"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.upstream_header_all("x-stepgate-user"), vec!["gus"]);
+    assert_eq!(
+        res.upstream_header_all("x-stepgate-email"),
+        vec!["gus@example.com"]
+    );
+    assert_eq!(res.upstream_header_all("x-stepgate-stepup"), vec!["email"]);
+    let age = res.upstream_header_all("x-stepgate-stepup-age");
+    assert_eq!(age.len(), 1, "{age:?}");
+    assert!(matches!(age[0].as_str(), "0" | "1"), "{age:?}");
+    for name in ["x_stepgate_user", "x_stepgate_email", "x-forwarded-user"] {
+        assert!(
+            res.upstream_header_all(name).is_empty(),
+            "{name} reached the upstream"
+        );
+    }
+    // Without an identity no X-Stepgate-User line arrives at all.
+    let res = get(
+        &env.gw.url("/assets/a.css"),
+        &[("x-stepgate-user", "mallory"), ("X-Stepgate-Stepup", "sms")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    let names = res.upstream_header_names();
+    assert!(
+        !names.iter().any(|n| n.starts_with("x-stepgate-")),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+// Protects against a URL-rewrite header (IIS, Symfony) making the app serve
+// another path than the one the policy checked; every copy is removed.
+async fn every_rewrite_header_is_removed_before_forwarding() {
+    let up = support::upstream::Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let rewrite = [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-forwarded-path",
+        "x-forwarded-prefix",
+    ];
+    let mut headers = Vec::new();
+    for name in rewrite {
+        headers.push((name.to_string(), "/admin/users".to_string()));
+        headers.push((name.to_ascii_uppercase(), "/internal/x".to_string()));
+    }
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let res = get(&gw.url("/assets/a.css"), &headers).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    for name in rewrite {
+        assert!(
+            res.upstream_header_all(name).is_empty(),
+            "{name} reached the upstream"
+        );
+    }
+    assert_eq!(res.json()["path"], "/assets/a.css");
+}
+
+#[tokio::test]
+// Protects against a method-override header moving a request onto a rule
+// that was never checked: every override header name, every line of it.
+async fn every_method_override_header_and_line_is_checked() {
+    let up = support::upstream::Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    // GET /api/v1/keys matches no rule; DELETE matches the step-up rule.
+    for name in [
+        "x-http-method-override",
+        "X-HTTP-Method",
+        "x-method-override",
+    ] {
+        let res = get(&gw.url("/api/v1/keys"), &[(name, "DELETE")]).await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{name}");
+        assert_eq!(res.json()["error"], "method_override", "{name}");
+        // A harmless first line does not hide a second that changes the rule.
+        let res = get(&gw.url("/api/v1/keys"), &[(name, "GET"), (name, "DELETE")]).await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{name} twice");
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+// ------------------------------------------------ second-factor decisions
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Protects the freshness comparison (`age > max_age`): a factor is accepted
+// up to and including the second it is exactly max_age old, and refused
+// once it is older.
+async fn freshness_refuses_a_factor_older_than_max_age() {
+    const MAX_AGE: u64 = 1;
+    let env = Env::start_edited(false, OTP, |y| {
+        y.replace(
+            "path: /admin/**\n    stepup: { max_age: 5m }",
+            &format!("path: /admin/**\n    stepup: {{ max_age: {MAX_AGE}s }}"),
+        )
+    })
+    .await;
+    let u = user("fred", None);
+    let token = step_up(&env, &u, 0).await;
+    let auth_time = token_claim(&token, "auth_time");
+    let (mut at_max_age, mut refused) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused < 3 {
+        assert!(Instant::now() < deadline, "never refused");
+        let before = stepgate::token::unix_now() - auth_time;
+        let res = protected(&env.gw, "/admin/x", &u, &token).await;
+        let after = stepgate::token::unix_now() - auth_time;
+        if after <= MAX_AGE {
+            assert_eq!(res.status, StatusCode::OK, "age {before}..{after} refused");
+            if before == MAX_AGE {
+                at_max_age += 1;
+            }
+        } else if before > MAX_AGE {
+            assert_eq!(
+                res.status,
+                StatusCode::UNAUTHORIZED,
+                "age {before} accepted"
+            );
+            assert_eq!(res.json()["error"], "insufficient_user_authentication");
+            assert_eq!(res.json()["max_age"], MAX_AGE);
+            refused += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(at_max_age > 0, "no presentation at exactly max_age");
+    // The same token still satisfies a rule with a longer max_age.
+    assert_eq!(
+        protected(&env.gw, "/billing/export", &u, &token)
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(false).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
+both_stores!(lockout_refuses_verification_of_a_correct_code,);
+
+// Protects the lockout check on verification: a locked user's correct code
+// for a still-open challenge yields no token.
+async fn lockout_refuses_verification_of_a_correct_code(redis: bool) {
+    let otp = OTP
+        .replace("max_attempts: 3", "max_attempts: 5")
+        .replace("max_failures: 6", "max_failures: 2");
+    let env = Env::start(redis, &otp).await;
+    let u = user("lola", None);
+    let (cid, code) = email_challenge(&env, &u, 0).await;
+    let res = verify(&env.gw, &u, &cid, &wrong(&code)).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{}", res.text());
+    assert_eq!(res.json()["attempts_left"], 4);
+    let res = verify(&env.gw, &u, &cid, &wrong(&code)).await;
+    assert_eq!(res.status, StatusCode::LOCKED, "{}", res.text());
+    // The challenge still has attempts left; the right code is refused.
+    let res = verify(&env.gw, &u, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::LOCKED, "{}", res.text());
+    assert_eq!(res.json()["error"], "locked");
+    assert!(res.retry_after() > 0);
+    assert!(res.header("set-cookie").is_none());
+    assert!(!res.text().contains("token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Protects the signature check of second-factor tokens end to end: a token
+// with exactly the claims and type the gateway issues, signed with another
+// key, is refused (the same claims with the gateway's key pass).
+async fn forged_second_factor_with_correct_claims_and_wrong_key_is_refused() {
+    let env = Env::start(false, OTP).await;
+    let u = user("fay", Some("s1"));
+    let claims = sf_claims("fay", "sid:s1", "email");
+    let alg = jsonwebtoken::Algorithm::HS256;
+    let right = sign_sf(
+        alg,
+        &jsonwebtoken::EncodingKey::from_secret(STEPUP_KEY.as_bytes()),
+        &claims,
+    );
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &right).await.status,
+        StatusCode::OK,
+        "the control token (gateway key) must pass"
+    );
+    let hits = env.up.hits();
+    let forged = [
+        sign_sf(
+            alg,
+            &jsonwebtoken::EncodingKey::from_secret(b"attacker-key-0123456789abcdef0123456789"),
+            &claims,
+        ),
+        // The primary token's key.
+        sign_sf(
+            alg,
+            &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+            &claims,
+        ),
+        // A valid signature over other claims, spliced onto these claims.
+        {
+            let other = sign_sf(
+                alg,
+                &jsonwebtoken::EncodingKey::from_secret(STEPUP_KEY.as_bytes()),
+                &sf_claims("someone", "sid:s1", "email"),
+            );
+            let parts: Vec<&str> = right.split('.').collect();
+            let sig = other.rsplit('.').next().unwrap_or_default();
+            format!("{}.{}.{sig}", parts[0], parts[1])
+        },
+        // No signature at all.
+        {
+            let parts: Vec<&str> = right.split('.').collect();
+            format!("{}.{}.", parts[0], parts[1])
+        },
+    ];
+    for (i, t) in forged.iter().enumerate() {
+        let res = protected(&env.gw, "/admin/x", &u, t).await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "forgery #{i} accepted");
+        // The cookie path too.
+        let res = get(
+            &env.gw.url("/admin/x"),
+            &[
+                ("authorization", &u.auth),
+                ("cookie", &format!("stepgate_sf={t}")),
+            ],
+        )
+        .await;
+        assert_eq!(
+            res.status,
+            StatusCode::UNAUTHORIZED,
+            "forgery #{i} (cookie) accepted"
+        );
+    }
+    assert_eq!(env.up.hits(), hits);
+}
