@@ -400,7 +400,11 @@ async fn forged_second_factor_with_correct_claims_and_wrong_key_is_refused() {
     ];
     for (i, t) in forged.iter().enumerate() {
         let res = protected(&env.gw, "/admin/x", &u, t).await;
-        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "forgery #{i} accepted");
+        assert_eq!(
+            res.status,
+            StatusCode::UNAUTHORIZED,
+            "forgery #{i} accepted"
+        );
         // The cookie path too.
         let res = get(
             &env.gw.url("/admin/x"),
@@ -417,4 +421,195 @@ async fn forged_second_factor_with_correct_claims_and_wrong_key_is_refused() {
         );
     }
     assert_eq!(env.up.hits(), hits);
+}
+
+// ------------------------------------------------ algorithm confusion
+
+/// Run `openssl` with `args` (test key material only).
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+// Protects against algorithm confusion on primary tokens: with RS256 or
+// ES256 and a public key file, an HS256 token whose HMAC key is that public
+// key's PEM text (what an attacker can read) is refused.
+async fn algorithm_confusion_public_key_as_hmac_secret_is_refused_for_primary_tokens() {
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey};
+    let up = support::upstream::Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rsa_priv = dir.path().join("rsa.pem");
+    let rsa_pub = dir.path().join("rsa.pub.pem");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        rsa_priv.to_str().expect("path"),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        rsa_priv.to_str().expect("path"),
+        "-pubout",
+        "-out",
+        rsa_pub.to_str().expect("path"),
+    ]);
+    let ec = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+    let ec_pub = dir.path().join("ec.pub.pem");
+    std::fs::write(
+        &ec_pub,
+        ec.public_key()
+            .to_public_key_pem(Default::default())
+            .expect("pem"),
+    )
+    .expect("write");
+    let ec_priv = ec
+        .to_pkcs8_pem(Default::default())
+        .expect("pem")
+        .to_string();
+    let rsa_priv_pem = std::fs::read(&rsa_priv).expect("read");
+    let now = stepgate::token::unix_now();
+    let claims = serde_json::json!({"sub": "amy", "iss": "https://idp.test", "aud": "legacy-app", "iat": now, "exp": now + 600});
+    for (alg, public, control_key) in [
+        (
+            "RS256",
+            &rsa_pub,
+            jsonwebtoken::EncodingKey::from_rsa_pem(&rsa_priv_pem).expect("rsa key"),
+        ),
+        (
+            "ES256",
+            &ec_pub,
+            jsonwebtoken::EncodingKey::from_ec_pem(ec_priv.as_bytes()).expect("ec key"),
+        ),
+    ] {
+        let yaml = config_yaml(&up.url(), CONSOLE, "").replacen(
+            &format!("    algorithms: [HS256]\n    secret: {JWT_SECRET}\n"),
+            &format!(
+                "    algorithms: [{alg}]\n    public_key: {}\n",
+                public.display()
+            ),
+            1,
+        );
+        let gw = TestGateway::start(&yaml).await;
+        let algorithm: jsonwebtoken::Algorithm = alg.parse().expect("alg");
+        let control =
+            jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), &claims, &control_key)
+                .expect("sign");
+        let res = get(
+            &gw.url("/account/me"),
+            &[("authorization", &format!("Bearer {control}"))],
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::OK, "{alg} control token refused");
+        let pem = std::fs::read(public).expect("read public key");
+        let trimmed = String::from_utf8_lossy(&pem).trim().to_string();
+        for key in [pem.clone(), trimmed.into_bytes()] {
+            for typ in [Some("JWT"), None] {
+                let forged = hs256_with_key(&key, typ, &claims);
+                let res = get(
+                    &gw.url("/account/me"),
+                    &[("authorization", &format!("Bearer {forged}"))],
+                )
+                .await;
+                assert_eq!(
+                    res.status,
+                    StatusCode::UNAUTHORIZED,
+                    "{alg}: HS256 with the public key accepted"
+                );
+                let res = get(
+                    &gw.url("/account/me"),
+                    &[("cookie", &format!("access_token={forged}"))],
+                )
+                .await;
+                assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{alg} (cookie)");
+            }
+        }
+    }
+    assert_eq!(up.hits(), 2, "only the two control tokens were forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Protects against algorithm confusion on second-factor tokens signed with
+// an asymmetric key (ES256, EdDSA): an HS256 token with the gateway's exact
+// claims whose HMAC key is the public key's PEM text is refused.
+async fn algorithm_confusion_public_key_as_hmac_secret_is_refused_for_second_factor_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ec = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+    let ed = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let keys = {
+        use p256::pkcs8::{EncodePrivateKey, EncodePublicKey};
+        [
+            (
+                jsonwebtoken::Algorithm::ES256,
+                ec.to_pkcs8_pem(Default::default())
+                    .expect("pem")
+                    .to_string(),
+                ec.public_key()
+                    .to_public_key_pem(Default::default())
+                    .expect("pem"),
+            ),
+            (
+                jsonwebtoken::Algorithm::EdDSA,
+                ed.to_pkcs8_pem(Default::default())
+                    .expect("pem")
+                    .to_string(),
+                ed.verifying_key()
+                    .to_public_key_pem(Default::default())
+                    .expect("pem"),
+            ),
+        ]
+    };
+    for (alg, private, public) in keys {
+        let key_file = dir.path().join(format!("{alg:?}.pem"));
+        std::fs::write(&key_file, &private).expect("write key");
+        let env = Env::start_edited(false, OTP, |y| {
+            y.replacen(
+                &format!("    signing_key: {STEPUP_KEY}\n"),
+                &format!("    signing_key_file: {}\n", key_file.display()),
+                1,
+            )
+        })
+        .await;
+        let u = user("ada", Some("s7"));
+        let claims = sf_claims("ada", "sid:s7", "email");
+        let encoding = match alg {
+            jsonwebtoken::Algorithm::ES256 => {
+                jsonwebtoken::EncodingKey::from_ec_pem(private.as_bytes())
+            }
+            _ => jsonwebtoken::EncodingKey::from_ed_pem(private.as_bytes()),
+        }
+        .expect("encoding key");
+        let control = sign_sf(alg, &encoding, &claims);
+        assert_eq!(
+            protected(&env.gw, "/admin/x", &u, &control).await.status,
+            StatusCode::OK,
+            "{alg:?} control token refused"
+        );
+        // The issued tokens use the configured algorithm.
+        let issued = step_up(&env, &u, 0).await;
+        assert_eq!(
+            jsonwebtoken::decode_header(&issued).expect("header").alg,
+            alg
+        );
+        for key in [public.as_bytes(), public.trim().as_bytes()] {
+            let forged = hs256_with_key(key, Some(stepgate::token::TOKEN_TYPE), &claims);
+            assert_eq!(
+                protected(&env.gw, "/admin/x", &u, &forged).await.status,
+                StatusCode::UNAUTHORIZED,
+                "{alg:?}: HS256 with the public key accepted"
+            );
+        }
+        assert_eq!(env.up.hits(), 1);
+    }
 }
