@@ -273,17 +273,40 @@ pub struct Log {
     pub level: String,
 }
 
+/// The largest config file read, in bytes. A real one is a few KiB; the
+/// bound keeps a hostile or mistaken file (a log, a binary) from costing
+/// memory and parse time.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+
+/// The deepest nesting of mappings and sequences accepted. The schema needs
+/// five levels (`routes[0].stepup.factors[0]`); YAML parsers spend time
+/// that grows with the square of the depth, so a deeply nested file is
+/// refused before it is parsed.
+pub const MAX_CONFIG_DEPTH: usize = 32;
+
 impl Config {
-    /// Read, parse and validate a config file.
+    /// Read, parse and validate a config file. Blocking: it reads files
+    /// (the config and the keys, secrets and certificates it names).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let fail = |message: String| ConfigError {
             file: path.to_path_buf(),
             problems: vec![Problem {
                 line: 0,
                 col: 0,
                 key: String::new(),
-                message: format!("cannot read config file: {e}"),
+                message,
             }],
+        };
+        let bytes =
+            read_bounded(path).map_err(|e| fail(format!("cannot read config file: {e}")))?;
+        if let Some(p) = too_large(&bytes) {
+            return Err(ConfigError {
+                file: path.to_path_buf(),
+                problems: vec![p],
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|_| {
+            fail("cannot read config file: stream did not contain valid UTF-8".into())
         })?;
         Config::from_yaml(path, &text, &process_env())
     }
@@ -300,6 +323,10 @@ impl Config {
             file: file.to_path_buf(),
             problems,
         };
+        // Bounds first: the parsers below are not linear in the depth.
+        if let Some(p) = too_large(text.as_bytes()).or_else(|| too_deep(text)) {
+            return Err(fail(vec![p]));
+        }
         let (parsed, missing) =
             raw::with_env(env.clone(), || serde_yaml::from_str::<raw::File>(text));
         let mut env_problems = missing_env_problems(text, &missing);
@@ -354,6 +381,102 @@ impl Config {
             .replace("{stepup_key}", stepup_key);
         Config::from_yaml(Path::new("<demo>"), &text, &HashMap::new())
     }
+}
+
+/// The config file's bytes, at most one more than [`MAX_CONFIG_BYTES`]
+/// (never the whole of a huge file). Blocking.
+pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A problem at the first byte past [`MAX_CONFIG_BYTES`], if there is one.
+fn too_large(bytes: &[u8]) -> Option<Problem> {
+    if bytes.len() <= MAX_CONFIG_BYTES {
+        return None;
+    }
+    let head = &bytes[..MAX_CONFIG_BYTES];
+    let line = head.iter().filter(|&&b| b == b'\n').count() + 1;
+    let start = head.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let col = String::from_utf8_lossy(&head[start..]).chars().count() + 1;
+    Some(Problem {
+        line,
+        col,
+        key: String::new(),
+        message: format!(
+            "the config file is larger than {MAX_CONFIG_BYTES} bytes; nothing was parsed"
+        ),
+    })
+}
+
+/// A problem where nesting first exceeds [`MAX_CONFIG_DEPTH`], if it does.
+/// Walks parser events only up to that point, so the cost is bounded
+/// whatever the file holds.
+fn too_deep(text: &str) -> Option<Problem> {
+    use yaml_rust2::parser::{Event, Parser};
+    let deep = |line: usize, col: usize| Problem {
+        line,
+        col,
+        key: String::new(),
+        message: format!("nested deeper than {MAX_CONFIG_DEPTH} levels; nothing was parsed"),
+    };
+    let mut parser = Parser::new_from_str(text);
+    let mut depth = 0usize;
+    loop {
+        let (event, mark) = match parser.next_token() {
+            Ok(next) => next,
+            // yaml-rust2 stops at its own (higher) nesting limit.
+            Err(e) if e.info().contains("recursion limit") => {
+                let (line, col) =
+                    too_deep_flow(text).unwrap_or((e.marker().line(), e.marker().col() + 1));
+                return Some(deep(line, col));
+            }
+            // Another syntax error is reported by the real parse in its
+            // own words; only flow brackets could still nest deeply there.
+            Err(_) => return too_deep_flow(text).map(|(line, col)| deep(line, col)),
+        };
+        match event {
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                depth += 1;
+                if depth > MAX_CONFIG_DEPTH {
+                    return Some(deep(mark.line(), mark.col() + 1));
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => depth = depth.saturating_sub(1),
+            Event::StreamEnd => return None,
+            _ => {}
+        }
+    }
+}
+
+/// Where unquoted `[`/`{` first nest deeper than [`MAX_CONFIG_DEPTH`]
+/// (outside comments and quoted strings), as (line, column).
+fn too_deep_flow(text: &str) -> Option<(usize, usize)> {
+    let mut depth = 0usize;
+    for (ln, line) in text.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        for (col, c) in line.chars().enumerate() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_CONFIG_DEPTH {
+                        return Some((ln + 1, col + 1));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 /// The process environment; variables whose name or value is not UTF-8
@@ -2550,6 +2673,87 @@ default: maybe
             .unwrap_or_default();
         assert!(e.contains("alg none is never accepted"), "{e}");
         assert!(!e.contains("must list at least one"), "{e}");
+    }
+
+    #[test]
+    // Hostile config files: deep nesting (flow, block, and a file the
+    // parsers disagree on) is refused before parsing, at the place where the
+    // limit is crossed; the schema's own depth passes.
+    fn hostile_nesting_refused_before_parsing() {
+        let deep = [
+            (
+                format!(
+                    "{BASE}routes: {}{}\n",
+                    "[".repeat(60_000),
+                    "]".repeat(60_000)
+                ),
+                "gateway.yaml:12:41: nested deeper than 32 levels",
+            ),
+            (
+                format!(
+                    "{BASE}routes: {}1{}\n",
+                    "{a: ".repeat(60_000),
+                    "}".repeat(60_000)
+                ),
+                "gateway.yaml:12:",
+            ),
+            (
+                format!(
+                    "{BASE}{}",
+                    (0..40)
+                        .map(|i| format!("{}a{i}:\n", "  ".repeat(i)))
+                        .collect::<String>()
+                ),
+                "gateway.yaml:44:",
+            ),
+            // A tab where yaml-rust2 stops: the flow count still bounds it.
+            (
+                format!("{BASE}\tx: {}\n", "[".repeat(60_000)),
+                "gateway.yaml:12:37: nested deeper than 32 levels",
+            ),
+        ];
+        for (text, want) in deep {
+            let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.starts_with(want), "want {want:?}, got {e}");
+            assert!(
+                e.contains("nested deeper than 32 levels; nothing was parsed"),
+                "{e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let ok = format!(
+            "{BASE}routes:\n  - {{ name: a, path: /a/**, stepup: {{ max_age: 1m, factors: [email] }} }}\n"
+        );
+        assert!(load(&ok).is_ok());
+    }
+
+    #[test]
+    // Hostile config files: a file above the size bound is refused unread,
+    // located at the first byte past the bound; `load` never reads more.
+    fn oversized_file_refused_before_parsing() {
+        let mut text = BASE.to_string();
+        while text.len() <= MAX_CONFIG_BYTES {
+            text.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        let e = load(&text).err().map(|e| e.to_string()).unwrap_or_default();
+        let line = text[..MAX_CONFIG_BYTES].matches('\n').count() + 1;
+        assert!(e.starts_with(&format!("gateway.yaml:{line}:")), "{e}");
+        assert!(
+            e.ends_with("the config file is larger than 1048576 bytes; nothing was parsed"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("big.yaml");
+        std::fs::write(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            read_bounded(&path).map(|b| b.len()).unwrap_or(0),
+            MAX_CONFIG_BYTES + 1
+        );
+        let e = Config::load(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,24 @@ impl Drop for ReloadGuard {
 }
 
 /// Reload `path` into `gateway` now. Returns whether the new policy is live.
+///
+/// Reading the config and the files it names, parsing, and loading keys and
+/// certificates all block, and a hostile file may take a while to refuse:
+/// all of it runs on the blocking pool, never on a runtime worker that
+/// serves requests.
+pub async fn reload(gateway: Arc<Gateway>, path: PathBuf) -> bool {
+    let metrics = gateway.metrics.clone();
+    match tokio::task::spawn_blocking(move || reload_now(&gateway, &path)).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the last good policy");
+            metrics.reload(false);
+            false
+        }
+    }
+}
+
+/// [`reload`], on the calling thread (blocking).
 pub fn reload_now(gateway: &Gateway, path: &Path) -> bool {
     let ok = match Config::load(path) {
         Ok(cfg) => match gateway.reload(cfg) {
@@ -98,11 +116,18 @@ pub fn watch(
         }
     };
     // An edit made after the config was loaded but before the watch began
-    // raised no event: catch up now.
-    let on_disk = std::fs::read(&path).map(|text| crate::config::source_digest(&text));
-    if on_disk.ok() != Some(gateway.config().digest) {
-        let _ = tx.send(());
-    }
+    // raised no event: catch up first (reading the file off the workers).
+    let catch_up = tx.clone();
+    let (g, p) = (gateway.clone(), path.clone());
+    tokio::spawn(async move {
+        let on_disk = tokio::task::spawn_blocking(move || {
+            crate::config::read_bounded(&p).map(|text| crate::config::source_digest(&text))
+        })
+        .await;
+        if !matches!(on_disk, Ok(Ok(d)) if d == g.config().digest) {
+            let _ = catch_up.send(());
+        }
+    });
     if let Some(mut hup) = hangups {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -118,11 +143,86 @@ pub fn watch(
             // Debounce: an editor's save is several events.
             tokio::time::sleep(Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
-            reload_now(&gateway, &path);
+            reload(gateway.clone(), path.clone()).await;
         }
     });
     ReloadGuard {
         task,
         _watcher: watcher,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "\
+listen: { address: 127.0.0.1:0 }
+admin: { address: 127.0.0.1:0 }
+upstream: { url: http://127.0.0.1:9 }
+identity:
+  jwt: { algorithms: [HS256], secret: 0123456789abcdef0123456789abcdef }
+stepup:
+  token: { signing_key: fedcba9876543210fedcba9876543210 }
+  console: true
+dev: true
+";
+
+    #[tokio::test(flavor = "current_thread")]
+    // A reload must not block a runtime worker: the config is read from a
+    // FIFO whose writer waits for a signal from this runtime's only thread.
+    // Were the read done on that thread, the signal could never be sent (the
+    // writer gives up after 30 s and the test fails instead of hanging).
+    async fn reload_reads_off_the_runtime_workers() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let fifo = dir.path().join("gateway.yaml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "mkfifo");
+        let config =
+            Config::from_yaml(&fifo, CONFIG, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let gateway = Gateway::new(config).unwrap_or_else(|e| panic!("{e}"));
+
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let writer_fifo = fifo.clone();
+        let writer = std::thread::spawn(move || {
+            let signalled = wait.recv_timeout(Duration::from_secs(30)).is_ok();
+            let edited = CONFIG.replace("console: true", "console: true\n  prefix: /.sg");
+            std::fs::write(&writer_fifo, edited).unwrap_or_else(|e| panic!("{e}"));
+            signalled
+        });
+
+        let reloading = tokio::spawn(reload(gateway.clone(), fifo.clone()));
+        // Let the reload start (and block, if it blocked this thread).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let _ = go.send(());
+        let live = reloading.await.unwrap_or_else(|e| panic!("{e}"));
+        let signalled = writer.join().unwrap_or_else(|_| panic!("writer panicked"));
+        assert!(signalled, "the runtime thread was blocked by the reload");
+        assert!(live, "the edited config is valid and goes live");
+        assert_eq!(gateway.config().stepup.prefix, "/.sg");
+    }
+
+    #[tokio::test]
+    // A hostile edit (deeply nested) is refused fast and the last good
+    // policy stays.
+    async fn hostile_edit_keeps_the_last_good_policy() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("gateway.yaml");
+        let config =
+            Config::from_yaml(&path, CONFIG, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let gateway = Gateway::new(config).unwrap_or_else(|e| panic!("{e}"));
+        let deep = format!(
+            "{CONFIG}routes: {}{}\n",
+            "[".repeat(60_000),
+            "]".repeat(60_000)
+        );
+        std::fs::write(&path, deep).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!reload(gateway.clone(), path.clone()).await);
+        assert_eq!(gateway.config().stepup.prefix, "/.stepgate");
     }
 }

@@ -930,6 +930,34 @@ fn check_as_strict_as_run_certificates() {
 }
 
 #[test]
+// Hostile config files: 60,000 levels of nesting (which used to keep check
+// busy for a minute) and a file above 1 MiB are refused before parsing,
+// each with one located line.
+fn hostile_config_files_refused_before_parsing() {
+    let y = format!(
+        "{BASE}routes: {}{}\n",
+        "[".repeat(60_000),
+        "]".repeat(60_000)
+    );
+    let (line, col) = at(&y, "routes: ");
+    invalid(&y)
+        .has(
+            (line, col + "routes: ".len() + 32),
+            "nested deeper than 32 levels; nothing was parsed",
+        )
+        .count(1);
+    let y = format!("{BASE}{}", "# padding\n".repeat(110_000));
+    let e = invalid(&y);
+    assert!(
+        e.stderr
+            .contains(": the config file is larger than 1048576 bytes; nothing was parsed"),
+        "{}",
+        e.stderr
+    );
+    e.count(1);
+}
+
+#[test]
 // One run reports every problem, each at its own line, in file order.
 fn several_errors_reported_together() {
     let y = "\
