@@ -129,8 +129,21 @@ pub fn requirement(a: &Action) -> String {
         Action::Identity => "primary identity".into(),
         Action::StepUp(s) => {
             let factors: Vec<&str> = s.factors.iter().map(|f| f.as_str()).collect();
+            let idp = match &s.idp {
+                None => String::new(),
+                Some(i) => {
+                    let mut parts = Vec::new();
+                    if !i.amr.is_empty() {
+                        parts.push(format!("amr {}", i.amr.join(",")));
+                    }
+                    if !i.acr.is_empty() {
+                        parts.push(format!("acr {}", i.acr.join(",")));
+                    }
+                    format!(", or the identity provider's {}", parts.join(" or "))
+                }
+            };
             format!(
-                "step-up, max_age {}, factors {}{}",
+                "step-up, max_age {}, factors {}{idp}{}",
                 fmt_duration(s.max_age),
                 factors.join(","),
                 if s.one_time { ", one-time" } else { "" }

@@ -1038,6 +1038,14 @@ mod raw {
         pub max_age: Option<Str>,
         pub factors: Option<Vec<Str>>,
         pub one_time: Option<bool>,
+        pub idp: Option<RouteIdp>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RouteIdp {
+        pub amr: Option<Vec<Str>>,
+        pub acr: Option<Vec<Str>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -2346,7 +2354,36 @@ impl Validator<'_> {
                 if factors.is_empty() {
                     factors = Channel::ALL.to_vec();
                 }
-                if let Some(su) = stepup {
+                let idp = s.idp.map(|i| {
+                    let list = |v: Option<Vec<raw::Str>>| -> Vec<String> {
+                        v.unwrap_or_default()
+                            .into_iter()
+                            .map(|s| s.0)
+                            .filter(|s| !s.is_empty())
+                            .collect()
+                    };
+                    let f = crate::policy::IdpFactor {
+                        amr: list(i.amr),
+                        acr: list(i.acr),
+                    };
+                    if f.amr.is_empty() && f.acr.is_empty() {
+                        self.problem(
+                            &format!("{key}.idp"),
+                            "list amr and/or acr values that count as a second factor",
+                        );
+                    }
+                    if let Some(bad) = f.acr.iter().find(|a| a.contains(['"', '\\', ' '])) {
+                        self.problem(
+                            &format!("{key}.idp.acr"),
+                            format!(
+                                "{bad:?}: acr values cannot contain spaces, quotes or backslashes"
+                            ),
+                        );
+                    }
+                    f
+                });
+                // A rule the IdP alone can satisfy needs no channel here.
+                if let (Some(su), None) = (stepup, &idp) {
                     let usable = factors.iter().any(|c| match c {
                         Channel::Email => su.email.is_some() || su.console,
                         Channel::Sms => su.sms.is_some() || su.console,
@@ -2362,6 +2399,7 @@ impl Validator<'_> {
                     max_age,
                     factors,
                     one_time: s.one_time.unwrap_or(false),
+                    idp,
                 })
             } else if public {
                 Action::Public

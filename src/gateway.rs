@@ -284,6 +284,9 @@ impl Gateway {
                         StepupCheck::Fresh(sf) => {
                             req.extensions_mut().insert(sf);
                         }
+                        StepupCheck::FreshFromIdp(proof) => {
+                            req.extensions_mut().insert(proof);
+                        }
                         StepupCheck::Needed => {
                             log.outcome = Outcome::Challenged;
                             return Box::pin(state.stepup.challenge(req, &id, need)).await;
@@ -308,7 +311,11 @@ impl Gateway {
         let factor = req
             .extensions()
             .get::<SecondFactor>()
-            .map(|sf| (sf.channel, sf.auth_time));
+            .map(|sf| (sf.channel.as_str(), sf.auth_time))
+            .or_else(|| {
+                let idp = req.extensions().get::<crate::stepup::IdpProof>();
+                idp.map(|p| ("idp", p.auth_time))
+            });
         let headers = req.headers_mut();
         state.stepup.strip_token(headers);
         if let Some((user, email)) = identity_headers {
@@ -316,10 +323,7 @@ impl Gateway {
             headers.extend(email.map(|v| (X_STEPGATE_EMAIL, v)));
         }
         if let Some((channel, auth_time)) = factor {
-            headers.insert(
-                X_STEPGATE_STEPUP,
-                HeaderValue::from_static(channel.as_str()),
-            );
+            headers.insert(X_STEPGATE_STEPUP, HeaderValue::from_static(channel));
             let age = crate::token::unix_now().saturating_sub(auth_time);
             headers.insert(X_STEPGATE_STEPUP_AGE, HeaderValue::from(age));
         }

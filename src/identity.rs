@@ -31,6 +31,11 @@ pub struct Identity {
     /// The primary session: `sid:<sid claim>`, else `jwt:<hash of the
     /// token>`, else `hdr:<subject>` for trusted-header identities.
     pub session: String,
+    /// What the sign-in at the identity provider proved (the token's
+    /// `amr`, `acr` and `auth_time` claims; empty for trusted headers).
+    pub amr: Vec<String>,
+    pub acr: Option<String>,
+    pub auth_time: Option<u64>,
 }
 
 /// Why a presented credential was not accepted. Never shown to clients in
@@ -153,6 +158,9 @@ impl Authenticator {
                         email,
                         phone: None,
                         session: format!("hdr:{user}"),
+                        amr: Vec::new(),
+                        acr: None,
+                        auth_time: None,
                     }));
                 }
             }
@@ -226,6 +234,20 @@ impl Authenticator {
             email: string_claim(&claims, &names.email),
             phone: string_claim(&claims, &names.phone),
             session,
+            amr: match claims.get("amr") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+                Some(Value::String(s)) => vec![s.clone()],
+                _ => Vec::new(),
+            },
+            acr: string_claim(&claims, "acr"),
+            auth_time: claims.get("auth_time").and_then(|t| {
+                t.as_u64()
+                    .or_else(|| t.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            }),
         })
     }
 }

@@ -525,6 +525,17 @@ pub struct StepUp {
     pub factors: Vec<Channel>,
     /// Whether a passed check is consumed by the first request it admits.
     pub one_time: bool,
+    /// A second factor the identity provider did also counts (CONTRACT §5.3).
+    pub idp: Option<IdpFactor>,
+}
+
+/// Which sign-ins at the identity provider count as a second factor: the
+/// primary token's `amr` holds one of `amr`, or its `acr` is one of `acr`
+/// (and its `auth_time` is within the rule's `max_age`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdpFactor {
+    pub amr: Vec<String>,
+    pub acr: Vec<String>,
 }
 
 /// What a matching rule does with a request.
@@ -1308,6 +1319,7 @@ mod tests {
             max_age: Duration::from_secs(300),
             factors: vec![Channel::Email, Channel::Sms],
             one_time: true,
+            idp: None,
         });
         let p = policy(vec![
             rule(

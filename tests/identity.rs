@@ -40,6 +40,12 @@ routes:
   - name: admin
     path: /admin/**
     stepup: {{ max_age: 5m }}
+  - name: payroll
+    path: /payroll/**
+    stepup: {{ max_age: 5m, idp: {{ amr: [mfa, hwk], acr: ["urn:example:loa:2"] }} }}
+  - name: export
+    path: /export/**
+    stepup: {{ max_age: 5m, one_time: true, idp: {{ amr: [mfa] }} }}
 dev: true
 "#,
         upstream.addr
@@ -386,4 +392,151 @@ fn provider_key_config_errors() {
     // Neither keys nor an issuer.
     let e = check("    audience: x");
     assert!(e.contains("issuer alone"), "{e}");
+}
+
+fn now() -> u64 {
+    stepgate::token::unix_now()
+}
+
+/// A user whose sign-in at the provider proved `amr`/`acr` at `auth_time`.
+fn signed_in(sub: &str, amr: &[&str], acr: Option<&str>, auth_time: u64) -> Value {
+    let mut c = user(sub);
+    c["amr"] = json!(amr);
+    c["auth_time"] = json!(auth_time);
+    if let Some(acr) = acr {
+        c["acr"] = json!(acr);
+    }
+    c
+}
+
+#[tokio::test]
+// CONTRACT 5.3: a fresh MFA at the identity provider (amr or acr listed by
+// the rule, auth_time within max_age) satisfies a step-up rule without a
+// code; the app is told `X-Stepgate-Stepup: idp`. Anything less gets the
+// RFC 9470 challenge naming the acr values.
+async fn a_fresh_mfa_at_the_provider_satisfies_idp_rules() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&yaml(&up, &format!("    issuer: {}", idp.issuer()))).await;
+    wait_ready(&gw).await;
+    let t = now();
+
+    // amr contains a listed value (Auth0-style ["pwd", "mfa"]).
+    let mfa = idp
+        .token(AUDIENCE, &signed_in("alice", &["pwd", "mfa"], None, t - 10))
+        .await;
+    let res = get_as(&gw, "/payroll/run", &mfa).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!(
+        res.upstream_header("x-stepgate-stepup").as_deref(),
+        Some("idp")
+    );
+    let age: u64 = res
+        .upstream_header("x-stepgate-stepup-age")
+        .and_then(|a| a.parse().ok())
+        .expect("age header");
+    assert!((10..=15).contains(&age), "age {age}");
+
+    // acr is a listed value (Keycloak LoA-style), amr says nothing.
+    let loa2 = idp
+        .token(
+            AUDIENCE,
+            &signed_in("bob", &[], Some("urn:example:loa:2"), t),
+        )
+        .await;
+    assert_eq!(get_as(&gw, "/payroll/run", &loa2).await.status, 200);
+
+    // Refused: password only; a listed amr but too old; a future auth_time;
+    // a listed acr spelled differently; no auth_time at all.
+    let refused = [
+        signed_in("carol", &["pwd"], Some("urn:example:loa:1"), t),
+        signed_in("dave", &["mfa"], None, t - 301),
+        signed_in("erin", &["mfa"], None, t + 3600),
+        signed_in("frank", &["pwd"], Some("URN:EXAMPLE:LOA:2"), t),
+        json!({"sub": "gina", "amr": ["mfa"], "sid": "s-gina"}),
+    ];
+    for claims in refused {
+        let token = idp.token(AUDIENCE, &claims).await;
+        let res = get_as(&gw, "/payroll/run", &token).await;
+        assert_eq!(res.status, 401, "{claims}: {}", res.text());
+        let www = res.header("www-authenticate").unwrap_or_default();
+        assert!(
+            www.contains("error=\"insufficient_user_authentication\"")
+                && www.contains("acr_values=\"urn:example:loa:2\"")
+                && www.contains("max_age=300"),
+            "{www}"
+        );
+        assert_eq!(res.json()["acr_values"], "urn:example:loa:2");
+    }
+
+    // A rule without `idp` never takes the provider's MFA.
+    let res = get_as(&gw, "/admin/x", &mfa).await;
+    assert_eq!(res.status, 401);
+    let www = res.header("www-authenticate").unwrap_or_default();
+    assert!(!www.contains("acr_values"), "{www}");
+    // A client cannot claim the provider's MFA by header.
+    let res = get(
+        &gw.url("/account/me"),
+        &[
+            ("authorization", &format!("Bearer {mfa}")),
+            ("x-stepgate-stepup", "idp"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.upstream_header("x-stepgate-stepup"), None);
+}
+
+#[tokio::test]
+// On a one_time rule each sign-in at the provider admits one request;
+// the next needs a new sign-in (or a code from the gateway).
+async fn one_time_idp_rules_spend_the_sign_in() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&yaml(&up, &format!("    issuer: {}", idp.issuer()))).await;
+    wait_ready(&gw).await;
+    let t = now();
+    let first = idp
+        .token(AUDIENCE, &signed_in("alice", &["mfa"], None, t - 5))
+        .await;
+    assert_eq!(get_as(&gw, "/export/all", &first).await.status, 200);
+    assert_eq!(get_as(&gw, "/export/all", &first).await.status, 401);
+    // A new token from the same sign-in is the same sign-in: still spent.
+    let same = idp
+        .token(AUDIENCE, &signed_in("alice", &["mfa"], None, t - 5))
+        .await;
+    assert_eq!(get_as(&gw, "/export/all", &same).await.status, 401);
+    let again = idp
+        .token(AUDIENCE, &signed_in("alice", &["mfa"], None, t - 1))
+        .await;
+    assert_eq!(get_as(&gw, "/export/all", &again).await.status, 200);
+}
+
+#[test]
+// `stepup.idp` needs something to match, and acr values must fit the
+// RFC 9470 challenge.
+fn idp_rule_config_errors() {
+    let check = |stepup: &str| -> String {
+        let text = format!(
+            "upstream: {{ url: http://127.0.0.1:1 }}\nstepup:\n  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}\nidentity:\n  jwt: {{ issuer: https://idp.example.com }}\nroutes:\n  - path: /x\n    stepup: {stepup}\n"
+        );
+        match stepgate::Config::from_yaml(
+            std::path::Path::new("g.yaml"),
+            &text,
+            &Default::default(),
+        ) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(check("{ max_age: 5m, idp: { amr: [mfa] } }"), "");
+    let e = check("{ max_age: 5m, idp: {} }");
+    assert!(
+        e.contains("g.yaml:8:") && e.contains("amr and/or acr"),
+        "{e}"
+    );
+    let e = check("{ max_age: 5m, idp: { acr: [\"a b\"] } }");
+    assert!(e.contains("acr values cannot contain"), "{e}");
+    let e = check("{ max_age: 5m, idp: { amr: [mfa], extra: 1 } }");
+    assert!(e.contains("extra"), "{e}");
 }

@@ -27,10 +27,44 @@ use crate::token::{session_hash, unix_now, SecondFactor, Tokens};
 pub enum StepupCheck {
     /// A fresh factor bound to this identity: forward.
     Fresh(SecondFactor),
+    /// The identity provider's own fresh second factor satisfies the rule
+    /// (`stepup.idp`): forward.
+    FreshFromIdp(IdpProof),
     /// No usable factor: answer with a challenge.
     Needed,
     /// The store could not be asked: fail closed.
     Unavailable,
+}
+
+/// A second factor the identity provider did, accepted for one request:
+/// what the primary token said about its sign-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdpProof {
+    /// Unix seconds of the sign-in (the token's `auth_time`).
+    pub auth_time: u64,
+    pub amr: Vec<String>,
+    pub acr: Option<String>,
+}
+
+/// Clock skew allowed on an `auth_time` in the future.
+const AUTH_TIME_SKEW: u64 = 30;
+
+/// Whether `id`'s sign-in at the identity provider satisfies `idp` for a
+/// rule with `max_age`: `auth_time` recent enough, and one of the listed
+/// `amr` values present or `acr` one of the listed values.
+fn idp_proof(id: &Identity, idp: &crate::policy::IdpFactor, max_age: Duration) -> Option<IdpProof> {
+    let auth_time = id.auth_time?;
+    let now = unix_now();
+    if auth_time > now + AUTH_TIME_SKEW || now.saturating_sub(auth_time) > max_age.as_secs() {
+        return None;
+    }
+    let by_amr = id.amr.iter().any(|a| idp.amr.contains(a));
+    let by_acr = id.acr.as_ref().is_some_and(|a| idp.acr.contains(a));
+    (by_amr || by_acr).then(|| IdpProof {
+        auth_time,
+        amr: id.amr.clone(),
+        acr: id.acr.clone(),
+    })
 }
 
 /// A form post kept across the challenge.
@@ -154,6 +188,40 @@ impl Stepup {
         need: &Need,
         conn: ClientConn,
     ) -> StepupCheck {
+        if let Some(proof) = need
+            .idp
+            .as_ref()
+            .and_then(|f| idp_proof(id, f, need.max_age))
+        {
+            if !need.one_time {
+                return StepupCheck::FreshFromIdp(proof);
+            }
+            // One request per sign-in at the provider: the sign-in (session
+            // and auth_time) is spent like a token; once spent, only a
+            // code from the gateway admits the next request.
+            let key = format!("idp:{}:{}", session_hash(&id.session), proof.auth_time);
+            match self
+                .store
+                .spend_once(&key, need.max_age + Duration::from_secs(AUTH_TIME_SKEW))
+                .await
+            {
+                Ok(true) => {
+                    let ctx = AuditContext {
+                        subject: &id.subject,
+                        channel: Some("idp"),
+                        rule: Some(&rule.name),
+                        client: conn.peer.ip(),
+                    };
+                    audit(&self.metrics, AuditEvent::TokenSpent, &ctx, "");
+                    return StepupCheck::FreshFromIdp(proof);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot spend a one-time IdP sign-in; failing closed");
+                    return StepupCheck::Unavailable;
+                }
+            }
+        }
         let Some(token) = self.presented_token(headers) else {
             return StepupCheck::Needed;
         };
@@ -225,17 +293,27 @@ impl Stepup {
         if is_browser_form_post(&req) {
             return self.stash_and_challenge(req, id).await;
         }
-        let mut res = json(
-            StatusCode::UNAUTHORIZED,
-            &serde_json::json!({
-                "error": "insufficient_user_authentication",
-                "max_age": max_age,
-                "methods": format!("{}/api/methods", self.cfg.prefix),
-            }),
+        let mut body = serde_json::json!({
+            "error": "insufficient_user_authentication",
+            "max_age": max_age,
+            "methods": format!("{}/api/methods", self.cfg.prefix),
+        });
+        // RFC 9470: the acr values the identity provider may satisfy this
+        // with (config refuses spaces, quotes and backslashes in them).
+        let acr_values = need
+            .idp
+            .as_ref()
+            .filter(|i| !i.acr.is_empty())
+            .map(|i| i.acr.join(" "));
+        let mut www = String::from(
+            "Bearer error=\"insufficient_user_authentication\", error_description=\"A fresh second factor is required\"",
         );
-        let www = format!(
-            "Bearer error=\"insufficient_user_authentication\", error_description=\"A fresh second factor is required\", max_age={max_age}"
-        );
+        if let Some(acr) = &acr_values {
+            body["acr_values"] = acr.clone().into();
+            www.push_str(&format!(", acr_values=\"{acr}\""));
+        }
+        www.push_str(&format!(", max_age={max_age}"));
+        let mut res = json(StatusCode::UNAUTHORIZED, &body);
         if let Ok(v) = HeaderValue::from_str(&www) {
             res.headers_mut().insert(WWW_AUTHENTICATE, v);
         }
