@@ -53,6 +53,18 @@ async fn handle(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
                 format!("{why}\n"),
             ),
         },
+        "/jwks.json" => match gw.config().upstream.assertion.as_ref() {
+            Some(a) => (
+                StatusCode::OK,
+                "application/jwk-set+json",
+                a.jwks().to_string(),
+            ),
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no upstream.assertion configured\n".to_string(),
+            ),
+        },
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

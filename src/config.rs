@@ -123,6 +123,8 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// A signed assertion for the app on every request with an identity.
+    pub assertion: Option<crate::assertion::AssertionSettings>,
 }
 
 /// A key that checks primary tokens.
@@ -866,6 +868,16 @@ mod raw {
         pub ca_file: Option<Str>,
         pub pool_idle_timeout: Option<Str>,
         pub pool_max_idle_per_host: Option<u64>,
+        pub assertion: Option<Assertion>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Assertion {
+        pub signing_key_file: Option<Str>,
+        pub header: Option<Str>,
+        pub audience: Option<Str>,
+        pub lifetime: Option<Str>,
     }
 
     #[derive(Deserialize, Default)]
@@ -1411,6 +1423,7 @@ impl Validator<'_> {
             Duration::from_secs(90),
         );
         let pool_max_idle_per_host = u.pool_max_idle_per_host.unwrap_or(256) as usize;
+        let assertion = u.assertion.and_then(|a| self.assertion(a));
         Some(Upstream {
             url: url?,
             connect_timeout,
@@ -1418,7 +1431,88 @@ impl Validator<'_> {
             ca_file,
             pool_idle_timeout,
             pool_max_idle_per_host,
+            assertion,
         })
+    }
+
+    /// `upstream.assertion`: the key loads, the header is not one the
+    /// gateway or the app reads for something else.
+    fn assertion(&mut self, a: raw::Assertion) -> Option<crate::assertion::AssertionSettings> {
+        let key = "upstream.assertion";
+        let header = a
+            .header
+            .map(|h| h.0)
+            .unwrap_or_else(|| crate::assertion::DEFAULT_HEADER.into());
+        let header = self.header_name(&format!("{key}.header"), &header);
+        if let Some(h) = &header {
+            let n = h.as_str();
+            if matches!(
+                n,
+                "authorization"
+                    | "cookie"
+                    | "host"
+                    | "connection"
+                    | "content-length"
+                    | "content-type"
+                    | "transfer-encoding"
+            ) || n.starts_with("x-forwarded-")
+                || matches!(
+                    n,
+                    "x-stepgate-user"
+                        | "x-stepgate-email"
+                        | "x-stepgate-stepup"
+                        | "x-stepgate-stepup-age"
+                )
+            {
+                self.problem(
+                    &format!("{key}.header"),
+                    format!("{n} is used for something else"),
+                );
+            }
+        }
+        let audience = a.audience.map(|s| s.0).filter(|s| !s.is_empty());
+        if audience.is_none() {
+            self.problem(
+                &format!("{key}.audience"),
+                "is required (the app's name, its `aud`)",
+            );
+        }
+        let lifetime = self.duration(
+            &format!("{key}.lifetime"),
+            a.lifetime,
+            Duration::from_secs(60),
+        );
+        if lifetime < Duration::from_secs(1) || lifetime > Duration::from_secs(3600) {
+            self.problem(&format!("{key}.lifetime"), "must be within 1s..=1h");
+        }
+        let Some(file) = a.signing_key_file else {
+            self.problem(
+                &format!("{key}.signing_key_file"),
+                "is required (an Ed25519 or P-256 private key, PKCS#8 PEM)",
+            );
+            return None;
+        };
+        let path = self.existing_file(&format!("{key}.signing_key_file"), &file.0)?;
+        let pem = match std::fs::read_to_string(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                self.problem(
+                    &format!("{key}.signing_key_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                return None;
+            }
+        };
+        match crate::assertion::AssertionSettings::from_pem(&pem, header?, audience?, lifetime) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.problem(
+                    &format!("{key}.signing_key_file"),
+                    format!("{}: {e}", path.display()),
+                );
+                None
+            }
+        }
     }
 
     fn identity(&mut self, id: raw::Identity) -> Option<Identity> {

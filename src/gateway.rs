@@ -194,6 +194,10 @@ impl Gateway {
         let headers = req.headers_mut();
         proxy::strip_hop_by_hop(headers, upgrade);
         proxy::strip_reserved(headers);
+        if let Some(a) = &cfg.upstream.assertion {
+            // Only the gateway speaks in this header, whatever its name.
+            headers.remove(&a.header);
+        }
         if !state.auth.trusts_header_from(conn.peer.ip()) {
             for name in state.auth.trusted_header_names() {
                 headers.remove(name);
@@ -316,8 +320,16 @@ impl Gateway {
                 let idp = req.extensions().get::<crate::stepup::IdpProof>();
                 idp.map(|p| ("idp", p.auth_time))
             });
+        let assertion = cfg
+            .upstream
+            .assertion
+            .as_ref()
+            .and_then(|a| sign_assertion(a, &req, rule));
         let headers = req.headers_mut();
         state.stepup.strip_token(headers);
+        if let Some((name, value)) = assertion {
+            headers.insert(name, value);
+        }
         if let Some((user, email)) = identity_headers {
             headers.extend(user.map(|v| (X_STEPGATE_USER, v)));
             headers.extend(email.map(|v| (X_STEPGATE_EMAIL, v)));
@@ -456,6 +468,37 @@ pub(crate) fn request_host<B>(req: &Request<B>) -> Result<Option<String>, ()> {
         }
         h => Ok(h.map(str::to_string)),
     }
+}
+
+/// The signed assertion (CONTRACT §5.4) for a request with an identity:
+/// who, and which second factor was checked for `rule`.
+fn sign_assertion<B>(
+    a: &crate::assertion::AssertionSettings,
+    req: &Request<B>,
+    rule: Option<&Rule>,
+) -> Option<(HeaderName, HeaderValue)> {
+    use crate::assertion::Factor;
+    let id = req.extensions().get::<Identity>()?;
+    let rule_name = rule.map_or("", |r| &*r.name);
+    let factor = if let Some(sf) = req.extensions().get::<SecondFactor>() {
+        Some(Factor {
+            amr: vec!["otp", sf.channel.as_str()],
+            acr: None,
+            auth_time: sf.auth_time,
+            rule: rule_name,
+        })
+    } else {
+        req.extensions()
+            .get::<crate::stepup::IdpProof>()
+            .map(|p| Factor {
+                amr: p.amr.iter().map(String::as_str).collect(),
+                acr: p.acr.as_deref(),
+                auth_time: p.auth_time,
+                rule: rule_name,
+            })
+    };
+    let token = a.sign(&id.subject, id.email.as_deref(), factor)?;
+    Some((a.header.clone(), HeaderValue::from_str(&token).ok()?))
 }
 
 /// `X-Stepgate-User` and `X-Stepgate-Email` values for an identity (a value

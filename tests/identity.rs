@@ -540,3 +540,254 @@ fn idp_rule_config_errors() {
     let e = check("{ max_age: 5m, idp: { amr: [mfa], extra: 1 } }");
     assert!(e.contains("extra"), "{e}");
 }
+
+/// A fresh private key from openssl: `ed25519` or `p256`.
+fn private_key(dir: &std::path::Path, kind: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{kind}.pem"));
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.arg("genpkey");
+    match kind {
+        "ed25519" => cmd.args(["-algorithm", "ed25519"]),
+        _ => cmd.args(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+    };
+    let out = cmd.arg("-out").arg(&path).output().expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+/// Verify `token` with the key set the gateway serves at `/jwks.json`, as
+/// an app would: key by `kid`, algorithm from the key, `iss` and `aud`.
+async fn verify_assertion(gw: &TestGateway, token: &str, audience: &str) -> Value {
+    let res = get(&gw.admin_url("/jwks.json"), &[]).await;
+    assert_eq!(res.status, 200);
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&res.body).expect("a JWK set");
+    let header = jsonwebtoken::decode_header(token).expect("a JWT header");
+    let kid = header.kid.expect("kid");
+    let jwk = set.find(&kid).expect("the kid is in the served set");
+    let alg: jsonwebtoken::Algorithm = jwk
+        .common
+        .key_algorithm
+        .expect("alg")
+        .to_string()
+        .parse()
+        .expect("a signature algorithm");
+    assert_eq!(alg, header.alg);
+    let mut v = jsonwebtoken::Validation::new(alg);
+    v.set_audience(&[audience]);
+    v.set_issuer(&["stepgate"]);
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key");
+    jsonwebtoken::decode::<Value>(token, &key, &v)
+        .expect("the assertion verifies with the served key")
+        .claims
+}
+
+#[tokio::test]
+// CONTRACT 5.4: with upstream.assertion, every forwarded request with an
+// identity carries a JWT signed with the configured Ed25519 (EdDSA) or
+// P-256 (ES256) key, verifiable with the JWKS on the admin listener;
+// claims name the user and, after a second factor, how and when and for
+// which rule. A client-sent copy never reaches the app.
+async fn signed_assertion_verifies_with_the_served_jwks() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    for (kind, header, alg) in [
+        ("ed25519", "x-stepgate-assertion", "EdDSA"),
+        ("p256", "x-app-assertion", "ES256"),
+    ] {
+        let key = private_key(keys.path(), kind);
+        let text = yaml(&up, &format!("    issuer: {}", idp.issuer())).replace(
+            "timeout: 5s }",
+            &format!(
+                "timeout: 5s, assertion: {{ signing_key_file: {}, header: {header}, audience: payroll, lifetime: 60s }} }}",
+                key.display()
+            ),
+        );
+        let gw = TestGateway::start(&text).await;
+        wait_ready(&gw).await;
+        let t = now();
+        let mfa = idp
+            .token(
+                AUDIENCE,
+                &signed_in("alice", &["pwd", "mfa"], Some("urn:example:loa:2"), t - 10),
+            )
+            .await;
+
+        // After the provider's MFA on a step-up rule.
+        let res = get(
+            &gw.url("/payroll/run"),
+            &[
+                ("authorization", &format!("Bearer {mfa}")),
+                (header, "forged"),
+            ],
+        )
+        .await;
+        assert_eq!(res.status, 200, "{}", res.text());
+        let token = res.upstream_header(header).expect("assertion header");
+        assert_ne!(token, "forged");
+        assert_eq!(
+            format!(
+                "{:?}",
+                jsonwebtoken::decode_header(&token).expect("header").alg
+            ),
+            alg
+        );
+        let c = verify_assertion(&gw, &token, "payroll").await;
+        assert_eq!(c["iss"], "stepgate");
+        assert_eq!(c["aud"], "payroll");
+        assert_eq!(c["sub"], "alice");
+        assert_eq!(c["email"], "alice@example.com");
+        assert_eq!(c["amr"], json!(["pwd", "mfa"]));
+        assert_eq!(c["acr"], "urn:example:loa:2");
+        assert_eq!(c["auth_time"], json!(t - 10));
+        assert_eq!(c["rule"], "payroll");
+        assert_eq!(
+            c["exp"].as_u64().unwrap_or(0) - c["iat"].as_u64().unwrap_or(0),
+            60
+        );
+        assert!(c["jti"].as_str().is_some_and(|j| j.len() >= 16));
+
+        // Identity only: who, no factor claims.
+        let res = get_as(&gw, "/account/me", &mfa).await;
+        let c = verify_assertion(
+            &gw,
+            &res.upstream_header(header).expect("assertion"),
+            "payroll",
+        )
+        .await;
+        assert_eq!(c["sub"], "alice");
+        for absent in ["amr", "auth_time", "rule", "acr"] {
+            assert!(c.get(absent).is_none(), "{absent} without a factor: {c}");
+        }
+        // Another app's audience does not verify.
+        let res = get_as(&gw, "/account/me", &mfa).await;
+        let token = res.upstream_header(header).expect("assertion");
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_slice(&get(&gw.admin_url("/jwks.json"), &[]).await.body).expect("set");
+        let mut v =
+            jsonwebtoken::Validation::new(jsonwebtoken::decode_header(&token).expect("h").alg);
+        v.set_audience(&["another-app"]);
+        let key = jsonwebtoken::DecodingKey::from_jwk(&set.keys[0]).expect("key");
+        assert!(jsonwebtoken::decode::<Value>(&token, &key, &v).is_err());
+
+        // After a code from stepgate: amr ["otp", "email"] and the rule.
+        let bearer = format!("Bearer {mfa}");
+        let auth = [
+            ("authorization", bearer.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let started = support::gateway::request(
+            http::Method::POST,
+            &gw.url("/.stepgate/api/otp"),
+            &auth,
+            json!({"method": "email"}).to_string(),
+        )
+        .await;
+        assert_eq!(started.status, 202, "{}", started.text());
+        let code = gw
+            .running
+            .as_ref()
+            .and_then(|r| r.gateway.console())
+            .and_then(|c| c.last_code("alice@example.com"))
+            .expect("the console got a code");
+        let verified = support::gateway::request(
+            http::Method::POST,
+            &gw.url("/.stepgate/api/otp/verify"),
+            &auth,
+            json!({"challenge_id": started.json()["challenge_id"], "code": code}).to_string(),
+        )
+        .await;
+        assert_eq!(verified.status, 200, "{}", verified.text());
+        let sf = verified.json()["token"]
+            .as_str()
+            .expect("token")
+            .to_string();
+        let res = get(
+            &gw.url("/admin/users"),
+            &[("authorization", &bearer), ("x-second-factor-token", &sf)],
+        )
+        .await;
+        assert_eq!(res.status, 200, "{}", res.text());
+        let c = verify_assertion(
+            &gw,
+            &res.upstream_header(header).expect("assertion"),
+            "payroll",
+        )
+        .await;
+        assert_eq!(c["amr"], json!(["otp", "email"]));
+        assert_eq!(c["rule"], "admin");
+        assert!(c["auth_time"].as_u64().is_some_and(|a| a >= t));
+
+        // No identity: no assertion, and the client's copy is removed.
+        let res = get(&gw.url("/assets/app.css"), &[(header, "forged")]).await;
+        assert_eq!(res.status, 200);
+        assert_eq!(res.upstream_header(header), None);
+    }
+}
+
+#[tokio::test]
+// Without upstream.assertion there is no key set to serve, and bad
+// assertion settings are config errors.
+async fn assertion_config() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&yaml(&up, "    jwks_url: https://idp.example.com/jwks")).await;
+    assert_eq!(get(&gw.admin_url("/jwks.json"), &[]).await.status, 404);
+
+    let keys = tempfile::tempdir().expect("tempdir");
+    let rsa = keys.path().join("rsa.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&rsa)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success());
+    let check = |assertion: String| -> String {
+        let text = format!(
+            "upstream: {{ url: http://127.0.0.1:1, assertion: {assertion} }}\nstepup:\n  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}\n"
+        );
+        match stepgate::Config::from_yaml(
+            std::path::Path::new("g.yaml"),
+            &text,
+            &Default::default(),
+        ) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let ed = private_key(keys.path(), "ed25519");
+    assert_eq!(
+        check(format!(
+            "{{ signing_key_file: {}, audience: a }}",
+            ed.display()
+        )),
+        ""
+    );
+    let e = check(format!(
+        "{{ signing_key_file: {}, audience: a }}",
+        rsa.display()
+    ));
+    assert!(e.contains("Ed25519 or P-256"), "{e}");
+    let e = check(format!("{{ signing_key_file: {} }}", ed.display()));
+    assert!(e.contains("upstream.assertion.audience"), "{e}");
+    let e = check(format!(
+        "{{ signing_key_file: {}, audience: a, header: Authorization }}",
+        ed.display()
+    ));
+    assert!(e.contains("used for something else"), "{e}");
+    let e = check(format!(
+        "{{ signing_key_file: {}, audience: a, lifetime: 2h }}",
+        ed.display()
+    ));
+    assert!(e.contains("1s..=1h"), "{e}");
+}
