@@ -24,10 +24,17 @@ pub fn summary(c: &Config) -> String {
         c.admin.address
     );
     s += &format!(
-        "upstream  {} (connect {}, timeout {})\n",
+        "upstream  {} (connect {}, timeout {}){}\n",
         c.upstream.url,
         fmt_duration(c.upstream.connect_timeout),
-        fmt_duration(c.upstream.timeout)
+        fmt_duration(c.upstream.timeout),
+        c.upstream
+            .assertion
+            .as_ref()
+            .map_or(String::new(), |a| format!(
+                ", signed assertion in {} for {}",
+                a.header, a.audience
+            ))
     );
     let mut id = Vec::new();
     if let Some(j) = &c.identity.jwt {
@@ -39,8 +46,16 @@ pub fn summary(c: &Config) -> String {
         if j.from_cookie {
             from.push(format!("cookie {}", j.cookie));
         }
+        use crate::identity::jwks::JwksSource;
+        let keys = match j.remote.as_ref().map(|r| &r.source) {
+            Some(JwksSource::Url(u)) => format!(", keys from {u}"),
+            Some(JwksSource::Discovery { issuer }) => {
+                format!(", keys discovered from {issuer}")
+            }
+            None => String::new(),
+        };
         id.push(format!(
-            "jwt [{}] from {}",
+            "jwt [{}] from {}{keys}",
             algs.join(","),
             from.join(" + ")
         ));

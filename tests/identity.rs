@@ -791,3 +791,35 @@ async fn assertion_config() {
     ));
     assert!(e.contains("1s..=1h"), "{e}");
 }
+
+#[test]
+// `stepgate check` names where the keys come from and the assertion, and
+// `explain` says a rule takes the provider's MFA.
+fn check_and_explain_show_provider_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = private_key(dir.path(), "ed25519");
+    let file = dir.path().join("gateway.yaml");
+    let text = format!(
+        "upstream: {{ url: http://127.0.0.1:3000, assertion: {{ signing_key_file: {}, audience: payroll }} }}\nidentity:\n  jwt: {{ issuer: https://idp.example.com/ }}\nstepup:\n  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}\nroutes:\n  - name: payroll\n    path: /payroll/**\n    stepup: {{ max_age: 5m, idp: {{ amr: [mfa], acr: [gold] }} }}\n",
+        key.display()
+    );
+    std::fs::write(&file, text).expect("write config");
+    let f = file.to_str().expect("utf-8 path");
+    let (code, out, err) = support::gateway::run_cli(&["check", "-c", f], None, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("keys discovered from https://idp.example.com/"),
+        "{out}"
+    );
+    assert!(
+        out.contains("signed assertion in x-stepgate-assertion for payroll"),
+        "{out}"
+    );
+    let (code, out, err) =
+        support::gateway::run_cli(&["explain", "-c", f, "GET", "/payroll/x"], None, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("or the identity provider's amr mfa or acr gold"),
+        "{out}"
+    );
+}
