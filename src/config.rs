@@ -1042,6 +1042,7 @@ mod raw {
         pub stepup: Option<RouteStepup>,
         pub public: Option<bool>,
         pub deny: Option<bool>,
+        pub case_insensitive: Option<bool>,
     }
 
     #[derive(Deserialize)]
@@ -2347,7 +2348,15 @@ impl Validator<'_> {
                     format!("duplicate route name {name:?} (also routes[{prev}])"),
                 );
             }
+            let any_case = r.case_insensitive.unwrap_or(false);
             let path = match (r.path, r.path_regex) {
+                (Some(p), None) if any_case => match Glob::case_insensitive(&p.0) {
+                    Ok(g) => Some(PathMatcher::Glob(g)),
+                    Err(e) => {
+                        self.problem(&format!("{at}.path"), e);
+                        None
+                    }
+                },
                 (Some(p), None) => match Glob::new(&p.0) {
                     Ok(g) => Some(PathMatcher::Glob(g)),
                     Err(e) => {
@@ -2355,7 +2364,7 @@ impl Validator<'_> {
                         None
                     }
                 },
-                (None, Some(re)) => match PathMatcher::regex(&re.0) {
+                (None, Some(re)) => match PathMatcher::regex_with_case(&re.0, any_case) {
                     Ok(m) => Some(m),
                     Err(e) => {
                         self.problem(&format!("{at}.path_regex"), e);

@@ -28,7 +28,9 @@
 //! `/users/%40me`, and `/café` covers `/caf%C3%A9`. A `path_regex` sees the
 //! normalised string as it is; its author has to allow for both forms.
 //!
-//! Matching is case-sensitive, a glob ignores one trailing slash (backends
+//! Matching is case-sensitive unless a rule sets `case_insensitive` (for
+//! IIS and other case-insensitive upstreams; see [`Glob::case_insensitive`]),
+//! a glob ignores one trailing slash (backends
 //! serve `/x` and `/x/` alike), and a rule listing `GET` also covers `HEAD`.
 //! Rules are tried in file order and the first match wins.
 
@@ -246,6 +248,8 @@ fn normalize_slow(bytes: &[u8]) -> Result<String, PathError> {
 pub struct Glob {
     src: String,
     segs: Vec<GlobSeg>,
+    /// Literals are case-folded, and so is each path before matching.
+    case_insensitive: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -298,12 +302,47 @@ impl Glob {
         Ok(Glob {
             src: pattern.to_owned(),
             segs,
+            case_insensitive: false,
         })
+    }
+
+    /// Compile a glob that matches paths in any case, for case-insensitive
+    /// upstreams (IIS and other Windows servers): `/admin/**` then also
+    /// covers `/ADMIN/x`, `/Admin/x` and `/%41dmin/x`.
+    ///
+    /// Both sides are folded per character (upper case, then lower case, so
+    /// that `ſ`, `K` (Kelvin) and `ı` meet `s`, `k` and `i`), after the
+    /// path's percent-escapes are decoded. Folding is wider than any one
+    /// server's rule, which errs towards the rule covering more spellings.
+    pub fn case_insensitive(pattern: &str) -> Result<Glob, String> {
+        let mut glob = Glob::new(pattern)?;
+        for seg in &mut glob.segs {
+            if let GlobSeg::One(toks) = seg {
+                *toks = fold_tokens(toks);
+            }
+        }
+        glob.case_insensitive = true;
+        Ok(glob)
+    }
+
+    /// Whether this glob ignores case.
+    pub fn is_case_insensitive(&self) -> bool {
+        self.case_insensitive
     }
 
     /// Whether the normalised `path` matches, with or without one trailing slash.
     pub fn matches(&self, path: &str) -> bool {
-        let path = path.as_bytes();
+        if self.case_insensitive {
+            let folded = fold_path(path);
+            self.matches_units(folded.as_bytes(), true)
+        } else {
+            self.matches_units(path.as_bytes(), false)
+        }
+    }
+
+    /// Glob matching over `path`; with `decoded`, the path's bytes are the
+    /// characters themselves (no percent-escapes left to read).
+    fn matches_units(&self, path: &[u8], decoded: bool) -> bool {
         if path.first() != Some(&b'/') {
             return false;
         }
@@ -324,7 +363,7 @@ impl Glob {
                     }
                     GlobSeg::One(toks) => {
                         if let Some((start, end)) = cur {
-                            if segment_matches(toks, &path[start..end]) {
+                            if segment_matches(toks, &path[start..end], decoded) {
                                 p += 1;
                                 pos = end;
                                 continue;
@@ -402,6 +441,58 @@ fn compile_segment(seg: &str) -> Result<Vec<Tok>, &'static str> {
     Ok(toks)
 }
 
+/// Case-fold one character sequence (see [`Glob::case_insensitive`]).
+fn fold(s: &str) -> String {
+    s.chars()
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// A normalised path with every segment percent-decoded and case-folded.
+/// Normalisation refuses encoded `/` and guarantees UTF-8, so segments stay
+/// segments; a decoded `%` is only ever matched as a plain byte.
+fn fold_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in bytes.split(|&b| b == b'/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let mut decoded = Vec::with_capacity(seg.len());
+        let mut j = 0;
+        while j < seg.len() {
+            let (b, len) = unit_at(seg, j);
+            decoded.push(b);
+            j += len;
+        }
+        out.push_str(&fold(&String::from_utf8_lossy(&decoded)));
+    }
+    out
+}
+
+/// Fold the literal runs of a compiled segment (between `*`s).
+fn fold_tokens(toks: &[Tok]) -> Vec<Tok> {
+    let mut out = Vec::with_capacity(toks.len());
+    let mut run = Vec::new();
+    let flush = |run: &mut Vec<u8>, out: &mut Vec<Tok>| {
+        let folded = fold(&String::from_utf8_lossy(run));
+        out.extend(folded.bytes().map(Tok::Byte));
+        run.clear();
+    };
+    for t in toks {
+        match t {
+            Tok::Byte(b) => run.push(*b),
+            Tok::Star => {
+                flush(&mut run, &mut out);
+                out.push(Tok::Star);
+            }
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 /// The next non-empty segment of `path` at or after byte `pos`, as a range.
 fn next_segment(path: &[u8], pos: usize) -> Option<(usize, usize)> {
     let rest = path.get(pos..)?;
@@ -423,8 +514,16 @@ fn unit_at(seg: &[u8], i: usize) -> (u8, usize) {
     }
 }
 
-/// Whether one path segment matches one glob segment.
-fn segment_matches(toks: &[Tok], seg: &[u8]) -> bool {
+/// Whether one path segment matches one glob segment; with `decoded`, each
+/// byte of `seg` is one unit (no percent-escapes).
+fn segment_matches(toks: &[Tok], seg: &[u8], decoded: bool) -> bool {
+    let unit = |i: usize| {
+        if decoded {
+            (seg[i], 1)
+        } else {
+            unit_at(seg, i)
+        }
+    };
     // Same greedy scheme as across segments, over characters.
     let (mut p, mut s) = (0usize, 0usize);
     let mut backtrack: Option<(usize, usize)> = None;
@@ -437,7 +536,7 @@ fn segment_matches(toks: &[Tok], seg: &[u8]) -> bool {
             }
             Some(&Tok::Byte(want)) => {
                 if s < seg.len() {
-                    let (got, len) = unit_at(seg, s);
+                    let (got, len) = unit(s);
                     if got == want {
                         p += 1;
                         s += len;
@@ -457,7 +556,7 @@ fn segment_matches(toks: &[Tok], seg: &[u8]) -> bool {
         if resume_s >= seg.len() {
             return false;
         }
-        let (_, len) = unit_at(seg, resume_s);
+        let (_, len) = unit(resume_s);
         p = resume_p;
         s = resume_s + len;
         backtrack = Some((resume_p, s));
@@ -480,6 +579,13 @@ impl PathMatcher {
     /// Compile a `path_regex` from the config; it must match the whole
     /// normalised path. `Err` explains why the expression is invalid.
     pub fn regex(src: &str) -> Result<PathMatcher, String> {
+        PathMatcher::regex_with_case(src, false)
+    }
+
+    /// Like [`PathMatcher::regex`]; with `case_insensitive`, letters match
+    /// in any case (Unicode case folding, as `(?i)` does). The regex sees
+    /// the normalised path, where non-ASCII characters stay percent-encoded.
+    pub fn regex_with_case(src: &str, case_insensitive: bool) -> Result<PathMatcher, String> {
         if src.is_empty() {
             return Err("invalid path_regex: empty".to_owned());
         }
@@ -487,7 +593,9 @@ impl PathMatcher {
         // balanced expression can be wrapped, so input like `a)|(b` cannot
         // escape the anchors.
         regex::Regex::new(src).map_err(|e| format!("invalid path_regex `{src}`: {e}"))?;
-        let anchored = format!("{REGEX_PREFIX}{src}{REGEX_SUFFIX}");
+        // `(?i)` inside the anchors, so `describe` shows it too.
+        let flag = if case_insensitive { "(?i)" } else { "" };
+        let anchored = format!("{REGEX_PREFIX}{flag}{src}{REGEX_SUFFIX}");
         regex::Regex::new(&anchored)
             .map(PathMatcher::Regex)
             .map_err(|e| format!("invalid path_regex `{src}` (cannot be anchored): {e}"))
@@ -504,6 +612,7 @@ impl PathMatcher {
     /// The pattern as written in the config, for `stepgate check`/`explain`.
     pub fn describe(&self) -> String {
         match self {
+            PathMatcher::Glob(g) if g.is_case_insensitive() => format!("{} (any case)", g.as_str()),
             PathMatcher::Glob(g) => g.as_str().to_owned(),
             PathMatcher::Regex(r) => {
                 let s = r.as_str();
@@ -1126,6 +1235,44 @@ mod tests {
     fn regex_is_case_sensitive() {
         // protects against `/ADMIN` matching a lowercase rule the backend would not
         assert!(!re("/admin/.*").matches("/ADMIN/x"));
+    }
+
+    #[test]
+    fn case_insensitive_glob_covers_every_case_spelling() {
+        // protects against `/ADMIN/x` reaching a case-insensitive (IIS)
+        // backend past an `/admin/**` rule meant for it
+        let g = Glob::case_insensitive("/admin/**").unwrap_or_else(|e| panic!("{e}"));
+        for path in ["/admin", "/ADMIN/x", "/Admin/Users/", "/aDmIn/a/b"] {
+            let p = normalize_path(path).unwrap_or_default();
+            assert!(g.matches(&p), "{path}");
+        }
+        assert!(!g.matches("/administrator"));
+        assert!(!g.matches("/ADMINISTRATOR/x"));
+        // Non-ASCII letters fold too, after decoding: `É` meets `é`, and
+        // `ſ` (long s) and `K` (Kelvin sign) meet `s` and `k`.
+        let g = Glob::case_insensitive("/café/*").unwrap_or_else(|e| panic!("{e}"));
+        assert!(g.matches(&normalize_path("/CAF%C3%89/x").unwrap_or_default()));
+        let g = Glob::case_insensitive("/secret-key/**").unwrap_or_else(|e| panic!("{e}"));
+        assert!(g.matches(&normalize_path("/%C5%BFECRET-%E2%84%AAEY").unwrap_or_default()));
+        // Stars and literals keep their meaning; a decoded `%` is a plain byte.
+        let g = Glob::case_insensitive("/a*c/%25XY").unwrap_or_else(|e| panic!("{e}"));
+        assert!(g.matches("/ABBC/%25xy"));
+        assert!(!g.matches("/ABBD/%25xy"));
+        // The default stays case-sensitive.
+        assert!(!glob("/admin/**").matches("/ADMIN/x"));
+    }
+
+    #[test]
+    fn case_insensitive_regex_and_inline_flag() {
+        // protects against `(?i)` being refused (regex built without
+        // Unicode case folding) and against the rule option being ignored
+        assert!(re("(?i)/admin/.*").matches("/ADMIN/x"));
+        let m = PathMatcher::regex_with_case("/admin/.*", true).unwrap_or_else(|e| panic!("{e}"));
+        assert!(m.matches("/AdMiN/x"));
+        assert!(!m.matches("/x/admin/y"));
+        assert_eq!(m.describe(), "(?i)/admin/.*");
+        let g = Glob::case_insensitive("/a/**").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(PathMatcher::Glob(g).describe(), "/a/** (any case)");
     }
 
     #[test]

@@ -1023,3 +1023,68 @@ async fn host_is_unambiguous() {
     assert!(resp.contains(r#""host":"admin.example.com""#), "{resp}");
     assert!(!resp.contains("other.example.com"), "{resp}");
 }
+
+#[tokio::test]
+// Case-insensitive upstreams (IIS): with `case_insensitive: true` an
+// `/admin/**` rule protects `/ADMIN/x` and every other case spelling, and
+// `(?i)` works in path_regex; the upstream still gets the path as sent.
+// Without the option the rule is case-sensitive (what `/ADMIN` bypassed).
+async fn case_insensitive_rules_protect_every_case_spelling() {
+    let up = Upstream::start().await;
+    let yaml = config_yaml(&up.url(), CONSOLE, "")
+        .replacen(
+            "    path: /admin/**\n",
+            "    path: /admin/**\n    case_insensitive: true\n",
+            1,
+        )
+        .replacen(
+            "    path: /account/**\n",
+            "    path: /account/**\n    case_insensitive: true\n",
+            1,
+        )
+        .replacen(
+            "path_regex: '^/api/v[0-9]+/keys$'",
+            "path_regex: '(?i)^/api/v[0-9]+/keys$'",
+            1,
+        );
+    let gw = TestGateway::start(&yaml).await;
+    let tok = primary_token("alice", Some("a@example.com"), Some("+15550100"), None);
+    let auth = bearer(&tok);
+    for path in ["/ADMIN/x", "/Admin/Users", "/aDmIn", "/%41DMIN/x"] {
+        let res = get(&gw.url(path), &[("authorization", &auth)]).await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(
+            res.json()["error"],
+            "insufficient_user_authentication",
+            "{path}"
+        );
+    }
+    let res = request(
+        Method::POST,
+        &gw.url("/API/V2/KEYS"),
+        &[("authorization", &auth)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        up.hits(),
+        0,
+        "a case spelling of a step-up route was forwarded"
+    );
+    // An identity-only rule in any case: refused without identity, and
+    // forwarded with the original case once the identity is there.
+    let res = get(&gw.url("/ACCOUNT/Profile"), &[]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    let res = get(&gw.url("/ACCOUNT/Profile"), &[("authorization", &auth)]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.json()["path"], "/ACCOUNT/Profile");
+    assert_eq!(up.hits(), 1);
+
+    // The same rules without the option: `/ADMIN/x` matches nothing and
+    // follows `default: pass` (the bypass the option closes).
+    let (up, plain) = setup().await;
+    let res = get(&plain.url("/ADMIN/x"), &[("authorization", &auth)]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(up.hits(), 1);
+}
