@@ -184,7 +184,7 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
             res
         }
         (Method::GET, "/dev/codes") => {
-            let claims = crate::identity::cookie(req.headers(), "access_token").and_then(|t| decode(app, t));
+            let claims = crate::http::cookies::cookie(req.headers(), "access_token").and_then(|t| decode(app, t));
             let body = match (claims, app.console.get()) {
                 (Some((email, phone)), Some(console)) => {
                     let email_code = email.as_deref().and_then(|e| console.last_code(e));
@@ -256,7 +256,7 @@ async fn read_form(req: Request<Incoming>) -> String {
 }
 
 fn form_value(body: &str, key: &str) -> Option<String> {
-    crate::stepup::parse_form_pairs(body)
+    crate::http::form::parse(body.as_bytes())
         .into_iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use http::header::{AUTHORIZATION, COOKIE};
+use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
@@ -285,90 +285,11 @@ fn bearer_or_cookie<'a>(
         }
     }
     if jwt.from_cookie {
-        for t in cookies(headers, &jwt.cookie) {
+        for t in crate::http::cookies::cookies(headers, &jwt.cookie) {
             add(t)?;
         }
     }
     Ok(found)
-}
-
-/// Every value of cookie `name` in the request's `Cookie` headers.
-fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .filter(move |(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
-}
-
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
-}
-
-/// Remove cookie `name` from the request's `Cookie` headers, keeping the rest.
-pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
-    let values: Vec<String> = headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .map(str::trim)
-                .filter(|pair| {
-                    pair.split_once('=').map(|(k, _)| k) != Some(name) && !pair.is_empty()
-                })
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .filter(|v| !v.is_empty())
-        .collect();
-    headers.remove(COOKIE);
-    for v in values {
-        if let Ok(v) = http::HeaderValue::from_str(&v) {
-            headers.append(COOKIE, v);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    // The second-factor cookie is removed without touching the app's cookies.
-    fn remove_cookie_keeps_others() {
-        let mut h = HeaderMap::new();
-        h.append(
-            COOKIE,
-            "a=1; stepgate_sf=tok; b=2"
-                .parse()
-                .unwrap_or_else(|_| unreachable!()),
-        );
-        h.append(
-            COOKIE,
-            "stepgate_sf=x".parse().unwrap_or_else(|_| unreachable!()),
-        );
-        remove_cookie(&mut h, "stepgate_sf");
-        let all: Vec<_> = h
-            .get_all(COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        assert_eq!(all, vec!["a=1; b=2"]);
-        assert_eq!(cookie(&h, "b"), Some("2"));
-        assert_eq!(cookie(&h, "stepgate_sf"), None);
-    }
 }
 
 #[cfg(test)]
@@ -387,7 +308,7 @@ mod sf_tests {
         let cfg = Config::from_yaml(std::path::Path::new("t.yaml"), &yaml, &Default::default())
             .unwrap_or_else(|e| panic!("{e}"));
         let sf = crate::token::Tokens::new(&cfg.stepup.token)
-            .issue("alice", "sid:1", crate::delivery::Channel::Email)
+            .issue("alice", "sid:1", crate::channel::Channel::Email)
             .unwrap_or_default();
         let auth = Authenticator::new(&cfg.identity, &Default::default(), None)
             .unwrap_or_else(|e| panic!("{e}"));

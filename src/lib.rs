@@ -1,19 +1,25 @@
 //! stepgate: a reverse proxy that demands a fresh second factor before it
 //! forwards protected routes.
 //!
-//! The request path reads top to bottom (outer to inner), see `gateway.rs`:
-//! telemetry -> rescue (error -> response) -> normalise -> policy ->
-//! identity -> step-up -> proxy. Each stage lives in its own module.
+//! The request path reads top to bottom in `gateway/mod.rs` (`pipeline`),
+//! wrapped by telemetry and rescue: normalise -> sanitise -> identity ->
+//! policy -> step-up -> forward (proxy mode) or answer (forward-auth mode),
+//! one file per phase under `gateway/`. Dependencies point one way:
+//! `gateway/` uses the domain modules (`identity`, `policy`, `stepup`,
+//! `proxy`, `store`, ...), which share `http/` and `channel`; nothing
+//! imports `gateway/` but the server and admin listeners.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod assertion;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod gateway;
+pub mod http;
 pub mod identity;
 pub mod otp;
 pub mod policy;

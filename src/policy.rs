@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::delivery::Channel;
+use crate::channel::Channel;
 
 /// Why a request path was refused; each becomes a 400 with this text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -9,8 +9,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -18,22 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::config;
 
-/// Errors crossing body boundaries.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type on both sides of the gateway: streamed, never buffered.
-pub type Body = BoxBody<Bytes, BoxError>;
-
-/// A body made of one buffer (gateway-generated responses).
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-/// An empty body.
-pub fn empty() -> Body {
-    full(Bytes::new())
-}
+pub use crate::http::{empty, full, Body, BoxError};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -140,20 +124,26 @@ pub fn strip_reserved(headers: &mut HeaderMap) {
 }
 
 /// Facts about the client connection the forwarded headers describe.
+/// Whether the peer is a trusted proxy is not among them: that is decided
+/// per request from the current config, so a reload that removes a proxy
+/// takes effect on its open keep-alive connections too.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientConn {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// The peer is a configured trusted proxy: extend its forwarded headers
-    /// rather than replace them.
-    pub trusted_proxy: bool,
 }
 
-/// Set `X-Forwarded-For/Proto/Host` (and drop `Forwarded` from untrusted
-/// peers, whose claims we cannot vouch for).
-pub fn set_forwarded(headers: &mut HeaderMap, conn: &ClientConn, host: Option<&str>) {
+/// Set `X-Forwarded-For/Proto/Host`. A trusted proxy's chain is extended;
+/// anyone else's claims are replaced (and `Forwarded` dropped), as we
+/// cannot vouch for them.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    conn: &ClientConn,
+    trusted_proxy: bool,
+    host: Option<&str>,
+) {
     let peer_ip = conn.peer.ip().to_string();
-    if conn.trusted_proxy {
+    if trusted_proxy {
         let prior: Vec<String> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -535,9 +525,8 @@ mod tests {
         let conn = ClientConn {
             peer: SocketAddr::from(([127, 0, 0, 9], 1234)),
             tls: true,
-            trusted_proxy: false,
         };
-        set_forwarded(&mut h, &conn, Some("app.example.com"));
+        set_forwarded(&mut h, &conn, false, Some("app.example.com"));
         assert_eq!(
             h.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
             Some("127.0.0.9")
@@ -560,9 +549,8 @@ mod tests {
         let conn = ClientConn {
             peer: SocketAddr::from(([10, 0, 0, 1], 1234)),
             tls: false,
-            trusted_proxy: true,
         };
-        set_forwarded(&mut h, &conn, None);
+        set_forwarded(&mut h, &conn, true, None);
         assert_eq!(
             h.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
             Some("1.2.3.4, 10.0.0.1")

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, TlsFiles};
-use crate::gateway::{client_conn, Gateway};
+use crate::gateway::Gateway;
 use crate::proxy::{Body, BoxError, ClientConn};
 
 /// How long a client has to finish the TLS handshake.
@@ -117,9 +117,10 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             gateway.metrics.connection_opened();
-            let cfg = gateway.config();
-            let is_tls = tls.is_some();
-            let conn = client_conn(peer, is_tls, &cfg);
+            let conn = ClientConn {
+                peer,
+                tls: tls.is_some(),
+            };
             let svc = TowerToHyperService::new(GatewayService {
                 gateway: gateway.clone(),
                 conn,
@@ -212,11 +213,7 @@ where
                 Ok(res) => Ok(res),
                 Err(_) => {
                     tracing::error!("request handler panicked");
-                    Ok(crate::gateway::json_error(
-                        http::StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal_error",
-                        "internal error",
-                    ))
+                    Ok(crate::gateway::rescue::panicked())
                 }
             }
         })

@@ -50,6 +50,8 @@ pub enum Outcome {
     StoreUnavailable,
     /// The identity provider's keys have not arrived yet.
     IdentityUnavailable,
+    /// Forward-auth: the proxy in front may pass the request on.
+    Allowed,
 }
 
 impl Outcome {
@@ -64,6 +66,24 @@ impl Outcome {
             Outcome::Gateway => "gateway",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::IdentityUnavailable => "identity_unavailable",
+            Outcome::Allowed => "allowed",
+        }
+    }
+}
+
+/// Which way a decision is delivered: stepgate forwards the request itself
+/// (proxy), or answers a proxy in front that asked (forward-auth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Proxy,
+    ForwardAuth,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Proxy => "proxy",
+            Mode::ForwardAuth => "forward_auth",
         }
     }
 }
@@ -74,6 +94,7 @@ impl Outcome {
 struct RequestLabels {
     rule: RuleLabel,
     outcome: &'static str,
+    mode: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -104,12 +125,18 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuditLabels {
+    event: &'static str,
+    mode: &'static str,
+}
+
 /// The gateway's Prometheus metrics.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Histogram,
-    audit: Family<EventLabels, Counter>,
+    audit: Family<AuditLabels, Counter>,
     connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     reloads: Family<EventLabels, Counter<u64, AtomicU64>>,
     sends_refused: Family<RefusedLabels, Counter>,
@@ -131,7 +158,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests by matched rule and outcome",
+            "Requests by matched rule, outcome and mode (proxy or forward_auth)",
             requests.clone(),
         );
         let duration = Histogram::new([
@@ -142,10 +169,10 @@ impl Metrics {
             "Time to the response head, gateway plus upstream",
             duration.clone(),
         );
-        let audit = Family::<EventLabels, Counter>::default();
+        let audit = Family::<AuditLabels, Counter>::default();
         registry.register(
             "audit_events",
-            "Step-up audit events by kind",
+            "Step-up audit events by kind and mode (proxy or forward_auth)",
             audit.clone(),
         );
         let connections = Gauge::default();
@@ -192,11 +219,12 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, rule: &Arc<str>, outcome: Outcome, elapsed: Duration) {
+    pub fn request(&self, rule: &Arc<str>, outcome: Outcome, mode: Mode, elapsed: Duration) {
         self.requests
             .get_or_create(&RequestLabels {
                 rule: RuleLabel(rule.clone()),
                 outcome: outcome.as_str(),
+                mode: mode.as_str(),
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());
@@ -257,10 +285,11 @@ impl Metrics {
         out
     }
 
-    fn count_event(&self, event: &str) {
+    fn count_event(&self, event: &'static str, mode: Mode) {
         self.audit
-            .get_or_create(&EventLabels {
-                event: event.to_string(),
+            .get_or_create(&AuditLabels {
+                event,
+                mode: mode.as_str(),
             })
             .inc();
     }
@@ -305,11 +334,13 @@ pub struct AuditContext<'a> {
     pub channel: Option<&'a str>,
     pub rule: Option<&'a str>,
     pub client: IpAddr,
+    /// The request the event belongs to came through forward-auth or not.
+    pub mode: Mode,
 }
 
 /// Emit an audit event (target `stepgate::audit`) and count it.
 pub fn audit(metrics: &Metrics, event: AuditEvent, ctx: &AuditContext<'_>, detail: &str) {
-    metrics.count_event(event.as_str());
+    metrics.count_event(event.as_str(), ctx.mode);
     tracing::info!(
         target: "stepgate::audit",
         event = event.as_str(),
@@ -317,6 +348,7 @@ pub fn audit(metrics: &Metrics, event: AuditEvent, ctx: &AuditContext<'_>, detai
         channel = ctx.channel.unwrap_or("-"),
         rule = ctx.rule.unwrap_or("-"),
         client = %ctx.client,
+        mode = ctx.mode.as_str(),
         detail,
         "audit"
     );

@@ -576,7 +576,7 @@ async fn admin_endpoints() {
     );
     let m = get(&gw.admin_url("/metrics"), &[]).await.text();
     assert!(
-        m.contains(r#"stepgate_requests_total{rule="internal",outcome="denied"} 1"#),
+        m.contains(r#"stepgate_requests_total{rule="internal",outcome="denied",mode="proxy"} 1"#),
         "{m}"
     );
     assert!(
@@ -945,7 +945,6 @@ async fn gateway_is_a_tower_service() {
         conn: stepgate::proxy::ClientConn {
             peer: "127.0.0.1:5555".parse().expect("addr"),
             tls: false,
-            trusted_proxy: false,
         },
     };
     for (path, want) in [
@@ -1087,4 +1086,78 @@ async fn case_insensitive_rules_protect_every_case_spelling() {
     let res = get(&plain.url("/ADMIN/x"), &[("authorization", &auth)]).await;
     assert_eq!(res.status, StatusCode::OK);
     assert_eq!(up.hits(), 1);
+
+// Bug fix: whether a peer is a trusted proxy used to be decided when its
+// connection was accepted, so after a reload that removed it, its open
+// keep-alive connection stayed trusted. It is decided per request now.
+async fn trusted_proxy_is_decided_per_request() {
+    let up = Upstream::start().await;
+    let base = config_yaml(&up.url(), CONSOLE, "");
+    let trusting = base.replacen(
+        "  drain_timeout: 5s\n",
+        "  drain_timeout: 5s\n  trusted_proxies: [127.0.0.1/32]\n",
+        1,
+    );
+    let gw = TestGateway::start(&trusting).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let mut xff_seen = Vec::new();
+    for round in 0..2 {
+        if round == 1 {
+            let running = gw.running.as_ref().expect("running");
+            running.gateway.reload(load(&base)).expect("reload");
+        }
+        send.ready().await.expect("connection still open");
+        let req = http::Request::get("/x")
+            .header("host", "app.test")
+            .header("x-forwarded-for", "1.2.3.4")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .expect("request");
+        let res = send.send_request(req).await.expect("response");
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let echo: serde_json::Value = serde_json::from_slice(&body).expect("echo JSON");
+        xff_seen.push(
+            echo["headers"]["x-forwarded-for"]
+                .as_str()
+                .map(str::to_string),
+        );
+    }
+    assert_eq!(
+        xff_seen,
+        vec![
+            Some("1.2.3.4, 127.0.0.1".to_string()),
+            Some("127.0.0.1".to_string())
+        ],
+        "the same connection is trusted before the reload and not after"
+    );
+}
+
+#[tokio::test]
+// Refusals are rendered once, by who asked: a browser navigation gets a
+// short HTML page, an API client the JSON error, with the same status.
+async fn refusals_render_for_who_asked() {
+    let (_up, gw) = setup().await;
+    let page = get(&gw.url("/internal/x"), &[("accept", "text/html")]).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert!(page
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/html")));
+    assert!(
+        page.text().contains("this route is not available"),
+        "{}",
+        page.text()
+    );
+    let api = get(&gw.url("/internal/x"), &[("accept", "application/json")]).await;
+    assert_eq!(api.status, StatusCode::FORBIDDEN);
+    assert_eq!(api.json()["error"], "forbidden");
 }

@@ -151,7 +151,9 @@ async fn email_flow_end_to_end(redis: bool) {
         "token_issued",
     ] {
         assert!(
-            m.contains(&format!("stepgate_audit_events_total{{event=\"{ev}\"}} 1")),
+            m.contains(&format!(
+                "stepgate_audit_events_total{{event=\"{ev}\",mode=\"proxy\"}} 1"
+            )),
             "{ev}: {m}"
         );
     }

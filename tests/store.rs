@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stepgate::delivery::Channel;
+use stepgate::channel::Channel;
 use stepgate::store::{
     Challenge, ChallengeStore, Failure, Limits, MemoryStore, NewChallenge, RedisStore,
     StartOutcome, StoreError,

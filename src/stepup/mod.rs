@@ -4,24 +4,24 @@
 mod api;
 mod page;
 
-pub use self::page::{parse_form as parse_form_pairs, safe_rd};
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, WWW_AUTHENTICATE};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response};
 
+use crate::channel::Channel;
 use crate::config::{self, Config};
-use crate::delivery::{Channel, ConsoleNotifier, EmailNotifier, Notifier, SmsNotifier};
-use crate::gateway::{is_browser, json, json_error, redirect, url_encode};
-use crate::identity::{self, Identity};
+use crate::delivery::{ConsoleNotifier, EmailNotifier, Notifier, SmsNotifier};
+use crate::http::{cookies, read_limited, Body, Rejection};
+use crate::identity::Identity;
 use crate::policy::{Rule, StepUp as Need};
-use crate::proxy::{Body, ClientConn};
+use crate::proxy::ClientConn;
 use crate::store::{ChallengeStore, Limits};
-use crate::telemetry::{audit, AuditContext, AuditEvent, Metrics, Outcome};
+use crate::telemetry::{audit, AuditContext, AuditEvent, Metrics, Mode};
 use crate::token::{session_hash, unix_now, SecondFactor, Tokens};
+
+pub use self::page::safe_rd;
 
 /// The result of checking a request against a step-up rule.
 pub enum StepupCheck {
@@ -67,37 +67,33 @@ fn idp_proof(id: &Identity, idp: &crate::policy::IdpFactor, max_age: Duration) -
     })
 }
 
-/// A form post kept across the challenge.
-pub(crate) struct Stashed {
+/// A browser form post kept across the challenge, as stored. One per
+/// session: a newer post replaces the older one, so no client can pile up
+/// stashes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Stash {
+    /// The random id the challenge page carries (`stash=`).
+    pub id: String,
+    /// The session it belongs to (hashed, like everything in the store).
+    pub session: String,
     /// Path and query the form was posted to.
     pub target: String,
     /// The `application/x-www-form-urlencoded` body.
     pub body: String,
 }
 
-/// Where a session's stashed form post lives. One per session: a newer
-/// post replaces the older one, so no client can pile up stashes.
-fn stash_key(id: &Identity) -> String {
-    format!("stash:{}", session_hash(&id.session))
-}
+impl Stash {
+    /// Where a session's stash lives in the store.
+    fn key(id: &Identity) -> String {
+        format!("stash:{}", session_hash(&id.session))
+    }
 
-/// A browser submitting a plain HTML form.
-fn is_browser_form_post<B>(req: &Request<B>) -> bool {
-    let header = |name| {
-        req.headers()
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-            .unwrap_or("")
-    };
-    req.method() == http::Method::POST
-        && header(http::header::ACCEPT).contains("text/html")
-        && header(http::header::CONTENT_TYPE)
-            .split(';')
-            .next()
-            .is_some_and(|t| {
-                t.trim()
-                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-            })
+    /// The stored stash, if it is the one `stash_id` names and belongs to
+    /// this session.
+    fn decode(bytes: &[u8], stash_id: &str, id: &Identity) -> Option<Stash> {
+        let stash: Stash = serde_json::from_slice(bytes).ok()?;
+        (stash.id == stash_id && stash.session == session_hash(&id.session)).then_some(stash)
+    }
 }
 
 /// Step-up state shared by all requests of one policy generation.
@@ -170,13 +166,13 @@ impl Stepup {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim())
             .filter(|v| !v.is_empty())
-            .or_else(|| identity::cookie(headers, &self.cfg.token.cookie))
+            .or_else(|| cookies::cookie(headers, &self.cfg.token.cookie))
     }
 
     /// Remove the second-factor token header and cookie before forwarding.
     pub fn strip_token(&self, headers: &mut HeaderMap) {
         headers.remove(&self.cfg.token.header);
-        identity::remove_cookie(headers, &self.cfg.token.cookie);
+        cookies::remove_cookie(headers, &self.cfg.token.cookie);
     }
 
     /// Does this request carry a fresh factor bound to `id` for `rule`?
@@ -186,7 +182,8 @@ impl Stepup {
         id: &Identity,
         rule: &Rule,
         need: &Need,
-        conn: ClientConn,
+        client: IpAddr,
+        mode: Mode,
     ) -> StepupCheck {
         if let Some(proof) = need
             .idp
@@ -210,7 +207,8 @@ impl Stepup {
                         subject: &id.subject,
                         channel: Some("idp"),
                         rule: Some(&rule.name),
-                        client: conn.peer.ip(),
+                        client,
+                        mode,
                     };
                     audit(&self.metrics, AuditEvent::TokenSpent, &ctx, "");
                     return StepupCheck::FreshFromIdp(proof);
@@ -260,7 +258,8 @@ impl Stepup {
                         subject: &id.subject,
                         channel: Some(sf.channel.as_str()),
                         rule: Some(&rule.name),
-                        client: conn.peer.ip(),
+                        client,
+                        mode,
                     };
                     audit(&self.metrics, AuditEvent::TokenSpent, &ctx, "");
                 }
@@ -274,153 +273,79 @@ impl Stepup {
         StepupCheck::Fresh(sf)
     }
 
-    /// The answer to a request that needs a (fresh) second factor.
-    pub async fn challenge(
-        &self,
-        req: Request<Body>,
-        id: &Identity,
-        need: &Need,
-    ) -> Response<Body> {
-        let max_age = need.max_age.as_secs();
-        if is_browser(&req) {
-            let rd = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-            return redirect(&format!(
-                "{}/challenge?rd={}",
-                self.cfg.prefix,
-                url_encode(rd)
-            ));
-        }
-        if is_browser_form_post(&req) {
-            return self.stash_and_challenge(req, id).await;
-        }
-        let mut body = serde_json::json!({
-            "error": "insufficient_user_authentication",
-            "max_age": max_age,
-            "methods": format!("{}/api/methods", self.cfg.prefix),
-        });
-        // RFC 9470: the acr values the identity provider may satisfy this
-        // with (config refuses spaces, quotes and backslashes in them).
-        let acr_values = need
-            .idp
-            .as_ref()
-            .filter(|i| !i.acr.is_empty())
-            .map(|i| i.acr.join(" "));
-        let mut www = String::from(
-            "Bearer error=\"insufficient_user_authentication\", error_description=\"A fresh second factor is required\"",
-        );
-        if let Some(acr) = &acr_values {
-            body["acr_values"] = acr.clone().into();
-            www.push_str(&format!(", acr_values=\"{acr}\""));
-        }
-        www.push_str(&format!(", max_age={max_age}"));
-        let mut res = json(StatusCode::UNAUTHORIZED, &body);
-        if let Ok(v) = HeaderValue::from_str(&www) {
-            res.headers_mut().insert(WWW_AUTHENTICATE, v);
-        }
-        res
-    }
-
-    /// A browser posted a form to a protected route without a fresh
-    /// factor: keep what the user typed (bounded, bound to the session, for
-    /// the code's lifetime plus a margin) and send them to the challenge
-    /// page, which replays the post after verification.
-    async fn stash_and_challenge(&self, req: Request<Body>, id: &Identity) -> Response<Body> {
+    /// Keep a browser form post that met a challenge (bounded, bound to
+    /// the session, for the code's lifetime plus a margin) so the challenge
+    /// page can replay it after verification. Returns the stash id, or
+    /// `None` when the form is too big to keep or the store refused (the
+    /// challenge still works; the form is not replayed).
+    pub async fn stash_form(&self, req: &mut Request<Body>, id: &Identity) -> Option<String> {
         let target = req
             .uri()
             .path_and_query()
             .map_or("/", |pq| pq.as_str())
             .to_string();
-        let path = req.uri().path().to_string();
-        let mut location = format!("{}/challenge?rd={}", self.cfg.prefix, url_encode(&path));
         let declared = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        // Too big to keep: the challenge still works, the form is not replayed.
-        if declared.is_some_and(|n| n <= self.cfg.stash_max_bytes) {
-            if let Ok(body) = api::read_body(req.into_body(), self.cfg.stash_max_bytes).await {
-                let stash = crate::otp::random_id();
-                let blob = serde_json::json!({
-                    "i": stash,
-                    "s": session_hash(&id.session),
-                    "t": target,
-                    "b": String::from_utf8_lossy(&body),
-                });
-                let ttl = self.cfg.otp.ttl + Duration::from_secs(300);
-                match self
-                    .store
-                    .put_blob(&stash_key(id), blob.to_string().as_bytes(), ttl)
-                    .await
-                {
-                    Ok(()) => {
-                        location.push_str("&stash=");
-                        location.push_str(&stash);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot stash form post; it will not be replayed")
-                    }
-                }
+        if declared.is_none_or(|n| n > self.cfg.stash_max_bytes) {
+            return None;
+        }
+        let body = std::mem::replace(req.body_mut(), crate::http::empty());
+        let body = read_limited(body, self.cfg.stash_max_bytes).await.ok()?;
+        let stash = Stash {
+            id: crate::otp::random_id(),
+            session: session_hash(&id.session),
+            target,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        let blob = serde_json::to_vec(&stash).ok()?;
+        let ttl = self.cfg.otp.ttl + Duration::from_secs(300);
+        match self.store.put_blob(&Stash::key(id), &blob, ttl).await {
+            Ok(()) => Some(stash.id),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot stash form post; it will not be replayed");
+                None
             }
         }
-        let mut res = redirect(&location);
-        *res.status_mut() = StatusCode::SEE_OTHER;
-        res
     }
 
     /// Take a stashed form post of this session.
-    async fn take_stash(&self, stash: &str, id: &Identity) -> Option<Stashed> {
-        let bytes = self.store.take_blob(&stash_key(id)).await.ok().flatten()?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        if v["i"].as_str() != Some(stash)
-            || v["s"].as_str() != Some(session_hash(&id.session).as_str())
-        {
-            return None;
-        }
-        Some(Stashed {
-            target: v["t"].as_str()?.to_string(),
-            body: v["b"].as_str()?.to_string(),
-        })
+    async fn take_stash(&self, stash_id: &str, id: &Identity) -> Option<Stash> {
+        let bytes = self.store.take_blob(&Stash::key(id)).await.ok().flatten()?;
+        Stash::decode(&bytes, stash_id, id)
     }
 
-    /// Serve `{prefix}/...`.
+    /// Serve `{prefix}/...` (`sub` is the part after the prefix) for a
+    /// caller with a primary identity.
     pub async fn endpoint(
         &self,
         req: Request<Body>,
-        path: &str,
+        sub: &str,
+        id: &Identity,
         conn: ClientConn,
-    ) -> (Response<Body>, Outcome) {
-        let identity = req.extensions().get::<Identity>().cloned();
-        let sub = &path[self.cfg.prefix.len()..];
+    ) -> Result<Response<Body>, Rejection> {
         // From here on `peer` is the client as far as the gateway can tell,
         // for the per-client send cap and the audit events.
         let conn = ClientConn {
             peer: std::net::SocketAddr::new(self.client_ip(req.headers(), conn), conn.peer.port()),
             ..conn
         };
-        let Some(id) = identity else {
-            let mut res = json_error(StatusCode::UNAUTHORIZED, "unauthenticated", "sign in first");
-            res.headers_mut().insert(
-                WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"stepgate\""),
-            );
-            return (res, Outcome::Unauthenticated);
-        };
-        let res = match sub {
+        match sub {
             "/api/methods" | "/api/otp" | "/api/otp/verify" | "/api/logout" => {
-                api::serve(self, req, sub, &id, conn).await
+                api::serve(self, req, sub, id, conn).await
             }
             "/challenge" | "/challenge/send" | "/challenge/verify" => {
-                page::serve(self, req, sub, &id, conn).await
+                page::serve(self, req, sub, id, conn).await
             }
-            _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
-        };
-        let outcome = match res.status() {
-            s if s == StatusCode::SERVICE_UNAVAILABLE => Outcome::StoreUnavailable,
-            s if s.is_client_error() => Outcome::BadRequest,
-            _ => Outcome::Gateway,
-        };
-        (res, outcome)
+            _ => Err(Rejection::NotFound),
+        }
+    }
+
+    /// The gateway's path prefix.
+    pub fn prefix(&self) -> &str {
+        &self.cfg.prefix
     }
 
     /// The client address: the peer, or when the peer is a trusted proxy,
@@ -428,7 +353,7 @@ impl Stepup {
     /// from the right, so a client cannot choose it by sending its own).
     fn client_ip(&self, headers: &HeaderMap, conn: ClientConn) -> IpAddr {
         let mut client = conn.peer.ip();
-        if !conn.trusted_proxy {
+        if !self.trusted_proxies.iter().any(|n| n.contains(&client)) {
             return client;
         }
         let hops: Vec<&str> = headers
@@ -517,6 +442,7 @@ impl Stepup {
             channel: channel.map(Channel::as_str),
             rule: None,
             client,
+            mode: Mode::Proxy,
         };
         audit(&self.metrics, event, &ctx, detail);
     }
@@ -529,21 +455,59 @@ impl Stepup {
     }
 
     /// `Set-Cookie` for a freshly issued token.
-    fn token_cookie(&self, token: &str) -> String {
-        format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
-            self.cfg.token.cookie,
+    fn token_cookie(&self, token: &str) -> Option<HeaderValue> {
+        cookies::set_cookie(
+            &self.cfg.token.cookie,
             token,
-            self.tokens.lifetime().as_secs(),
-            if self.secure_cookies { "; Secure" } else { "" }
+            self.tokens.lifetime(),
+            self.secure_cookies,
         )
     }
 
-    fn clear_cookie(&self) -> String {
-        format!(
-            "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
-            self.cfg.token.cookie,
-            if self.secure_cookies { "; Secure" } else { "" }
+    /// `Set-Cookie` that clears the token cookie.
+    fn clear_cookie(&self) -> Option<HeaderValue> {
+        cookies::set_cookie(
+            &self.cfg.token.cookie,
+            "",
+            Duration::ZERO,
+            self.secure_cookies,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(session: &str) -> Identity {
+        Identity {
+            subject: "alice".into(),
+            email: None,
+            phone: None,
+            session: session.into(),
+            amr: Vec::new(),
+            acr: None,
+            auth_time: None,
+        }
+    }
+
+    #[test]
+    // The stash is a typed record: it round-trips, and is only handed back
+    // for its own id and its own session (another sign-in cannot replay it).
+    fn stash_is_typed_and_bound() {
+        let alice = identity("sid:1");
+        let stash = Stash {
+            id: "abc".into(),
+            session: session_hash(&alice.session),
+            target: "/admin/save?x=1".into(),
+            body: "name=x&v=%C3%A9".into(),
+        };
+        let blob = serde_json::to_vec(&stash).unwrap_or_default();
+        assert_eq!(Stash::decode(&blob, "abc", &alice), Some(stash.clone()));
+        assert_eq!(Stash::decode(&blob, "abd", &alice), None);
+        assert_eq!(Stash::decode(&blob, "abc", &identity("sid:2")), None);
+        // The untyped record of earlier versions is not accepted.
+        let old = br#"{"i":"abc","s":"x","t":"/","b":""}"#;
+        assert_eq!(Stash::decode(old, "abc", &alice), None);
     }
 }

@@ -4,16 +4,18 @@
 //! and the replay of a form post that was interrupted by the challenge.
 
 use askama::Template;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
+use http::header::SET_COOKIE;
 use http::{Method, Request, Response, StatusCode};
 
-use super::api::{self, ApiError};
-use super::Stepup;
-use crate::delivery::{mask_email, mask_phone, Channel};
-use crate::gateway::url_encode;
+use super::{api, Stash, Stepup};
+use crate::channel::Channel;
+use crate::delivery::{mask_email, mask_phone};
+use crate::http::form::{self, get, query_value};
+use crate::http::response::{html, redirect};
+use crate::http::{read_limited, Body, Rejection};
 use crate::identity::Identity;
 use crate::otp;
-use crate::proxy::{Body, ClientConn};
+use crate::proxy::ClientConn;
 
 pub(super) async fn serve(
     s: &Stepup,
@@ -21,8 +23,8 @@ pub(super) async fn serve(
     sub: &str,
     id: &Identity,
     conn: ClientConn,
-) -> Response<Body> {
-    let query = parse_form(req.uri().query().unwrap_or(""));
+) -> Result<Response<Body>, Rejection> {
+    let query = form::parse(req.uri().query().unwrap_or("").as_bytes());
     match (sub, req.method()) {
         ("/challenge", &Method::GET) | ("/challenge", &Method::HEAD) => {
             let rd = safe_rd(get(&query, "rd"));
@@ -37,14 +39,11 @@ pub(super) async fn serve(
                 },
                 _ => View::Choose { error: None },
             };
-            page(s, id, &Ctx { rd: &rd, stash }, view, StatusCode::OK)
+            Ok(page(s, id, &Ctx { rd: &rd, stash }, view, StatusCode::OK))
         }
         ("/challenge/send", &Method::POST) | ("/challenge/verify", &Method::POST) => {
-            let body = match api::read_body(req.into_body(), api::MAX_BODY).await {
-                Ok(b) => b,
-                Err(e) => return e.response(),
-            };
-            let form = parse_form(&String::from_utf8_lossy(&body));
+            let body = read_limited(req.into_body(), api::MAX_BODY).await?;
+            let form = form::parse(&body);
             let rd = safe_rd(get(&form, "rd"));
             let ctx = Ctx {
                 rd: &rd,
@@ -57,15 +56,15 @@ pub(super) async fn serve(
                 let view = View::Choose {
                     error: Some("Your session on this page expired. Please try again.".into()),
                 };
-                return page(s, id, &ctx, view, StatusCode::FORBIDDEN);
+                return Ok(page(s, id, &ctx, view, StatusCode::FORBIDDEN));
             }
-            if sub == "/challenge/send" {
+            Ok(if sub == "/challenge/send" {
                 send(s, id, &form, &ctx, conn).await
             } else {
                 verify(s, id, &form, &ctx, conn).await
-            }
+            })
         }
-        _ => api::ApiError::MethodNotAllowed.response(),
+        _ => Err(Rejection::MethodNotAllowed),
     }
 }
 
@@ -87,18 +86,18 @@ async fn send(
             let mut location = format!(
                 "{}/challenge?rd={}&cid={}&ch={}",
                 s.cfg.prefix,
-                url_encode(ctx.rd),
-                url_encode(&st.challenge_id),
+                query_value(ctx.rd),
+                query_value(&st.challenge_id),
                 channel.as_str()
             );
             if let Some(stash) = ctx.stash {
                 location.push_str("&stash=");
                 location.push_str(stash);
             }
-            see_other(&location)
+            redirect(StatusCode::SEE_OTHER, &location)
         }
         Err(e) => {
-            let status = e.response().status();
+            let status = e.status();
             let view = View::Choose {
                 error: Some(message(&e)),
             };
@@ -131,17 +130,17 @@ async fn verify(
             };
             let mut res = match replay {
                 Some(stashed) => continue_page(s, &stashed),
-                None => see_other(ctx.rd),
+                None => redirect(StatusCode::SEE_OTHER, ctx.rd),
             };
-            if let Ok(v) = HeaderValue::from_str(&issued.set_cookie) {
+            if let Some(v) = issued.set_cookie {
                 res.headers_mut().insert(SET_COOKIE, v);
             }
             res
         }
         Err(e) => {
-            let status = e.response().status();
+            let status = e.status();
             let view = match e {
-                ApiError::InvalidCode { .. } | ApiError::CodeFormat => View::Code {
+                Rejection::InvalidCode { .. } | Rejection::CodeFormat => View::Code {
                     cid,
                     channel,
                     error: Some(message(&e)),
@@ -155,29 +154,32 @@ async fn verify(
     }
 }
 
-fn message(e: &ApiError) -> String {
+/// A refusal in the page's words.
+fn message(e: &Rejection) -> String {
     match e {
-        ApiError::InvalidCode { attempts_left } => {
+        Rejection::InvalidCode { attempts_left } => {
             format!("That code is not right. {attempts_left} attempt(s) left.")
         }
-        ApiError::CodeFormat => "Enter the digits from the message.".into(),
-        ApiError::Gone => "That code has expired or was already used. Ask for a new one.".into(),
-        ApiError::Cooldown(_)
-        | ApiError::SendLimit(_)
-        | ApiError::ClientLimit(_)
-        | ApiError::BudgetExhausted(_) => format!(
+        Rejection::CodeFormat => "Enter the digits from the message.".into(),
+        Rejection::ChallengeGone => {
+            "That code has expired or was already used. Ask for a new one.".into()
+        }
+        Rejection::Cooldown(_)
+        | Rejection::SendLimit(_)
+        | Rejection::ClientLimit(_)
+        | Rejection::BudgetExhausted(_) => format!(
             "Too many codes requested. Try again in {} seconds.",
             e.retry_after().unwrap_or(0)
         ),
-        ApiError::Locked(_) => format!(
+        Rejection::Locked(_) => format!(
             "Too many wrong codes. Try again in {} minutes.",
             e.retry_after().unwrap_or(0).div_ceil(60)
         ),
-        ApiError::Delivery => "The code could not be sent. Please try again.".into(),
-        ApiError::Unavailable => {
+        Rejection::DeliveryFailed => "The code could not be sent. Please try again.".into(),
+        Rejection::StepupUnavailable => {
             "Verification is unavailable right now. Please try again shortly.".into()
         }
-        ApiError::UnknownMethod | ApiError::DestinationNotAllowed => {
+        Rejection::UnknownChannel | Rejection::DestinationNotAllowed => {
             "That way of receiving a code is not available.".into()
         }
         _ => "Something was wrong with that request. Please try again.".into(),
@@ -313,51 +315,16 @@ fn page(
 }
 
 /// The page that replays a stashed form post after verification.
-fn continue_page(s: &Stepup, stashed: &super::Stashed) -> Response<Body> {
+fn continue_page(s: &Stepup, stashed: &Stash) -> Response<Body> {
     let nonce = otp::random_id();
     let tpl = ContinuePage {
         brand: &s.cfg.branding,
         nonce: nonce.clone(),
         action: &stashed.target,
         enctype: None,
-        fields: parse_form(&stashed.body),
+        fields: form::parse(stashed.body.as_bytes()),
     };
     html(tpl.render(), StatusCode::OK, &nonce)
-}
-
-fn html(rendered: askama::Result<String>, status: StatusCode, nonce: &str) -> Response<Body> {
-    let (body, status) = match rendered {
-        Ok(b) => (b, status),
-        Err(e) => {
-            tracing::error!(error = %e, "template rendering failed");
-            (
-                "<!doctype html><title>Error</title><p>Something went wrong. Please try again.</p>"
-                    .to_string(),
-                StatusCode::INTERNAL_SERVER_ERROR,
-            )
-        }
-    };
-    let mut res = Response::new(crate::proxy::full(body));
-    *res.status_mut() = status;
-    let h = res.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    let csp = format!(
-        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src https: data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    );
-    if let Ok(v) = HeaderValue::from_str(&csp) {
-        h.insert("content-security-policy", v);
-    }
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    res
 }
 
 /// A stash id from a form or query, if it has the shape of one.
@@ -367,61 +334,6 @@ fn stash_id(v: Option<&str>) -> Option<&str> {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     })
-}
-
-fn see_other(location: &str) -> Response<Body> {
-    let mut res = Response::new(crate::proxy::empty());
-    *res.status_mut() = StatusCode::SEE_OTHER;
-    if let Ok(v) = HeaderValue::from_str(location) {
-        res.headers_mut().insert(LOCATION, v);
-    }
-    res.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    res
-}
-
-fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
-/// Parse `application/x-www-form-urlencoded` (also query strings).
-pub fn parse_form(s: &str) -> Vec<(String, String)> {
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -446,18 +358,9 @@ mod tests {
         assert_eq!(safe_rd(None), "/");
         assert_eq!(safe_rd(Some("/admin?x=1")), "/admin?x=1");
         // An encoded slash decodes to a path segment, not a second slash.
-        assert_eq!(safe_rd(Some(&decode("%2F%2Fevil.com"))), "/");
-        assert_eq!(safe_rd(Some(&decode("/%2Fevil.com"))), "/");
-    }
-
-    #[test]
-    // Form decoding handles +, escapes and broken escapes without panicking.
-    fn form_decoding() {
-        let f = parse_form("a=1+2&b=%2Fx&c=%zz&d=%4&e");
-        assert_eq!(get(&f, "a"), Some("1 2"));
-        assert_eq!(get(&f, "b"), Some("/x"));
-        assert_eq!(get(&f, "c"), Some("%zz"));
-        assert_eq!(get(&f, "d"), Some("%4"));
-        assert_eq!(get(&f, "e"), Some(""));
+        let decode =
+            |s| form::get(&form::parse(format!("rd={s}").as_bytes()), "rd").map(str::to_string);
+        assert_eq!(safe_rd(decode("%2F%2Fevil.com").as_deref()), "/");
+        assert_eq!(safe_rd(decode("/%2Fevil.com").as_deref()), "/");
     }
 }

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{Challenge, ChallengeStore, Failure, Limits, NewChallenge, StartOutcome, StoreError};
-use crate::delivery::Channel;
+use crate::channel::Channel;
 
 /// The bound `MemoryStore::default()` uses.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;

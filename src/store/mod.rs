@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::delivery::Channel;
+use crate::channel::Channel;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;

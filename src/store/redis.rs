@@ -76,7 +76,7 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Scri
 use sha2::{Digest, Sha256};
 
 use super::{Challenge, ChallengeStore, Failure, Limits, NewChallenge, StartOutcome, StoreError};
-use crate::delivery::Channel;
+use crate::channel::Channel;
 
 /// Upper bound on one store operation, retries and reconnects included.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);

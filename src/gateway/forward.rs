@@ -1,0 +1,130 @@
+//! Terminal, proxy mode: the request goes upstream with the gateway's
+//! identity headers, without the second-factor token, with forwarded
+//! headers describing the client, on the normalised path.
+
+use http::header::{HeaderValue, HOST};
+use http::{HeaderMap, HeaderName, Request, Response};
+
+use super::{Exchange, State};
+use crate::http::{Body, Rejection};
+use crate::identity::Identity;
+use crate::policy::Rule;
+use crate::proxy::{self, ProxyError};
+use crate::stepup::IdpProof;
+use crate::telemetry::Outcome;
+use crate::token::SecondFactor;
+
+const X_STEPGATE_USER: HeaderName = HeaderName::from_static("x-stepgate-user");
+const X_STEPGATE_EMAIL: HeaderName = HeaderName::from_static("x-stepgate-email");
+const X_STEPGATE_STEPUP: HeaderName = HeaderName::from_static("x-stepgate-stepup");
+const X_STEPGATE_STEPUP_AGE: HeaderName = HeaderName::from_static("x-stepgate-stepup-age");
+
+pub(super) async fn run(
+    s: &State,
+    mut req: Request<Body>,
+    ex: &mut Exchange<'_>,
+) -> Result<Response<Body>, Rejection> {
+    let facts = identity_headers(&req);
+    let assertion = s
+        .config
+        .upstream
+        .assertion
+        .as_ref()
+        .and_then(|a| sign_assertion(a, &req, ex.rule));
+    let headers = req.headers_mut();
+    s.stepup.strip_token(headers);
+    headers.extend(facts);
+    if let Some((name, value)) = assertion {
+        headers.insert(name, value);
+    }
+    proxy::set_forwarded(headers, &ex.conn, ex.trusted_proxy, ex.host.as_deref());
+    if let Some(h) = &ex.host {
+        // The host the rules matched is the host the app reads (HTTP/2
+        // carries it in :authority; HTTP/1.1 upstreams need Host).
+        if let Ok(v) = HeaderValue::from_str(h) {
+            headers.insert(HOST, v);
+        }
+    }
+    let uri = s
+        .proxy
+        .upstream_uri(&ex.path, req.uri().query())
+        .map_err(|e| {
+            tracing::debug!(error = %e, "cannot build upstream URI");
+            Rejection::BadTarget
+        })?;
+    match s.proxy.forward(req, uri, ex.upgrade).await {
+        Ok(res) => {
+            ex.outcome = Outcome::Forwarded;
+            Ok(res)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream request failed");
+            Err(match e {
+                ProxyError::Timeout(_) => Rejection::UpstreamTimeout,
+                _ => Rejection::UpstreamUnavailable,
+            })
+        }
+    }
+}
+
+/// The signed assertion (CONTRACT §5.4) for a request with an identity:
+/// who, and which second factor was checked for `rule`.
+fn sign_assertion<B>(
+    a: &crate::assertion::AssertionSettings,
+    req: &Request<B>,
+    rule: Option<&Rule>,
+) -> Option<(HeaderName, HeaderValue)> {
+    use crate::assertion::Factor;
+    let id = req.extensions().get::<Identity>()?;
+    let rule_name = rule.map_or("", |r| &*r.name);
+    let factor = if let Some(sf) = req.extensions().get::<SecondFactor>() {
+        Some(Factor {
+            amr: vec!["otp", sf.channel.as_str()],
+            acr: None,
+            auth_time: sf.auth_time,
+            rule: rule_name,
+        })
+    } else {
+        req.extensions().get::<IdpProof>().map(|p| Factor {
+            amr: p.amr.iter().map(String::as_str).collect(),
+            acr: p.acr.as_deref(),
+            auth_time: p.auth_time,
+            rule: rule_name,
+        })
+    };
+    let token = a.sign(&id.subject, id.email.as_deref(), factor)?;
+    Some((a.header.clone(), HeaderValue::from_str(&token).ok()?))
+}
+
+/// `X-Stepgate-User`, `-Email`, `-Stepup`, `-Stepup-Age` for the identity
+/// and second factor the phases put in the request's extensions (a value
+/// that is not a valid header value is left out, never forwarded raw).
+pub(super) fn identity_headers<B>(req: &Request<B>) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(id) = req.extensions().get::<Identity>() {
+        if let Ok(v) = HeaderValue::from_str(&id.subject) {
+            out.insert(X_STEPGATE_USER, v);
+        }
+        if let Some(v) = id
+            .email
+            .as_deref()
+            .and_then(|e| HeaderValue::from_str(e).ok())
+        {
+            out.insert(X_STEPGATE_EMAIL, v);
+        }
+    }
+    let factor = req
+        .extensions()
+        .get::<SecondFactor>()
+        .map(|sf| (sf.channel.as_str(), sf.auth_time))
+        .or_else(|| {
+            let idp = req.extensions().get::<IdpProof>();
+            idp.map(|p| ("idp", p.auth_time))
+        });
+    if let Some((factor, auth_time)) = factor {
+        out.insert(X_STEPGATE_STEPUP, HeaderValue::from_static(factor));
+        let age = crate::token::unix_now().saturating_sub(auth_time);
+        out.insert(X_STEPGATE_STEPUP_AGE, HeaderValue::from(age));
+    }
+    out
+}

@@ -1,0 +1,37 @@
+//! Phase 3, identity: who the signed-in user is (JWT or trusted header).
+//! The [`Identity`](crate::identity::Identity) travels on in the request's
+//! extensions. An invalid credential is treated as none (the policy
+//! decides whether one is needed); two different ones are refused.
+
+use http::Request;
+
+use super::{Exchange, State};
+use crate::http::{Body, Rejection};
+use crate::identity::IdentityError;
+
+pub(super) async fn run(
+    s: &State,
+    req: &mut Request<Body>,
+    ex: &mut Exchange<'_>,
+) -> Result<(), Rejection> {
+    match s.auth.authenticate(req.headers(), ex.conn.peer.ip()).await {
+        Ok(Some(id)) => {
+            req.extensions_mut().insert(id);
+        }
+        Ok(None) => {}
+        Err(IdentityError::Ambiguous) => return Err(Rejection::AmbiguousCredentials),
+        Err(e) => tracing::debug!(error = %e, "primary credential refused"),
+    }
+    Ok(())
+}
+
+/// The refusal for a request that needs an identity and has none: sign in,
+/// or, while the identity provider's keys have not arrived, 503 (its token
+/// could not be checked, so fail closed rather than ask for a new sign-in).
+pub(super) fn missing(s: &State) -> Rejection {
+    if s.auth.keys_ready() {
+        Rejection::Unauthenticated
+    } else {
+        Rejection::IdentityUnavailable
+    }
+}

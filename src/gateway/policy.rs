@@ -1,0 +1,79 @@
+//! Phase 4, policy: the gateway's own endpoints, else the first matching
+//! rule (or the default) and what it asks: deny, an identity, a fresh
+//! second factor. A method override header may not move the request to a
+//! rule the policy did not check.
+
+use http::{Method, Request};
+
+use super::{Exchange, State};
+use crate::http::{Body, Rejection};
+use crate::identity::Identity;
+use crate::policy::{Action, DefaultPolicy, Rule};
+use crate::proxy;
+use crate::telemetry::Mode;
+
+/// Where the request goes next.
+pub(super) enum Route {
+    /// `{prefix}/...`: the gateway's own pages and API.
+    Gateway,
+    /// A rule (or the default) applies; `Exchange::action` says what it asks.
+    Rule,
+}
+
+pub(super) fn run<'s>(
+    s: &'s State,
+    req: &Request<Body>,
+    ex: &mut Exchange<'s>,
+) -> Result<Route, Rejection> {
+    let cfg = &s.config;
+    if ex.mode == Mode::Proxy && under_prefix(&ex.path, &cfg.stepup.prefix) {
+        return Ok(Route::Gateway);
+    }
+    let host = ex.host.as_deref();
+    let rule = cfg.policy.route(&ex.method, host, &ex.path);
+    if let Some(r) = rule {
+        ex.rule_label = r.name.clone();
+    }
+    ex.rule = rule;
+    // e.g. POST + X-HTTP-Method-Override: DELETE must not reach a rule
+    // that only the DELETE was checked against.
+    // Every line counts: an app may read the last copy, not the first.
+    for name in &proxy::METHOD_OVERRIDE {
+        for v in req.headers().get_all(name) {
+            let same = Method::from_bytes(v.as_bytes())
+                .map(|m| same_rule(cfg.policy.route(&m, host, &ex.path), rule))
+                .unwrap_or(false);
+            if !same {
+                return Err(Rejection::MethodOverride);
+            }
+        }
+    }
+    ex.action = match rule {
+        Some(r) => &r.action,
+        None => match cfg.policy.default {
+            DefaultPolicy::Pass => &Action::Public,
+            DefaultPolicy::Identity => &Action::Identity,
+        },
+    };
+    match ex.action {
+        Action::Deny => Err(Rejection::Denied),
+        Action::Identity | Action::StepUp(_) if req.extensions().get::<Identity>().is_none() => {
+            Err(super::identity::missing(s))
+        }
+        _ => Ok(Route::Rule),
+    }
+}
+
+/// `path` is the prefix itself or below it (whole segments only).
+pub(super) fn under_prefix(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+fn same_rule(a: Option<&Rule>, b: Option<&Rule>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
