@@ -793,7 +793,7 @@ async fn send_abuse_client_cap_budget_and_sms_countries(redis: bool) {
         r#"stepgate_sends_refused_total{channel="sms",reason="sms_country"} 1"#,
         r#"stepgate_sends_refused_total{channel="sms",reason="hourly_budget"} 1"#,
         r#"stepgate_sends_refused_total{channel="email",reason="max_sends_per_client"} 2"#,
-        r#"stepgate_audit_events_total{event="refused"} 4"#,
+        r#"stepgate_audit_events_total{event="refused",mode="proxy"} 4"#,
     ] {
         assert!(m.contains(line), "{line} missing from\n{m}");
     }
