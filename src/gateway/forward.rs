@@ -18,6 +18,13 @@ const X_STEPGATE_USER: HeaderName = HeaderName::from_static("x-stepgate-user");
 const X_STEPGATE_EMAIL: HeaderName = HeaderName::from_static("x-stepgate-email");
 const X_STEPGATE_STEPUP: HeaderName = HeaderName::from_static("x-stepgate-stepup");
 const X_STEPGATE_STEPUP_AGE: HeaderName = HeaderName::from_static("x-stepgate-stepup-age");
+/// The headers the gateway sets for the upstream (CONTRACT §4).
+pub(super) const IDENTITY_HEADERS: [HeaderName; 4] = [
+    X_STEPGATE_USER,
+    X_STEPGATE_EMAIL,
+    X_STEPGATE_STEPUP,
+    X_STEPGATE_STEPUP_AGE,
+];
 
 pub(super) async fn run(
     s: &State,

@@ -9,7 +9,7 @@
 use http::header::{HeaderValue, CACHE_CONTROL};
 use http::{HeaderName, Method, Request, Response, StatusCode, Uri};
 
-use super::forward::identity_headers;
+use super::forward::{identity_headers, IDENTITY_HEADERS};
 use super::normalise::valid_host;
 use super::Exchange;
 use crate::http::{empty, Body, Rejection};
@@ -110,11 +110,18 @@ fn method_of(m: &str) -> Result<Method, Rejection> {
 
 /// The request may pass: 200 with the identity headers for the proxy to
 /// copy upstream (a one-time token was already spent by the step-up phase).
+/// All four are always sent, empty when there is nothing to say: proxies
+/// that copy a fixed list then overwrite any copy the client sent, and
+/// Caddy 2.6 would otherwise forward its unreplaced placeholder
+/// (`{http.reverse_proxy.header.X-Stepgate-User}`) as the value.
 pub(super) fn answer(req: &Request<Body>, ex: &mut Exchange<'_>) -> Response<Body> {
     ex.outcome = Outcome::Allowed;
     let mut res = Response::new(empty());
     *res.status_mut() = StatusCode::OK;
     let headers = res.headers_mut();
+    for name in IDENTITY_HEADERS {
+        headers.insert(name, HeaderValue::from_static(""));
+    }
     headers.extend(identity_headers(req));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
