@@ -367,9 +367,10 @@ async fn resetting_upstream() -> (String, tokio::task::JoinHandle<()>) {
 }
 
 // An upstream resetting mid-request or mid-response, 24 times in parallel:
-// resets before the response head are `502 upstream_unavailable`; a reset
-// mid-response body reaches the client as a broken body (never a complete
-// one); the binary logs no panic and keeps serving.
+// a reset before the response head is `502 upstream_unavailable`; one
+// mid-upload or mid-response is a 502 or a connection the client sees
+// broken (never a success, never a complete body); the binary logs no
+// panic and keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_resetting_mid_body() {
     let (upstream, _task) = resetting_upstream().await;
@@ -407,27 +408,29 @@ async fn upstream_resetting_mid_body() {
             })
         })
         .collect();
-    let mut broken_bodies = 0;
     for (i, t) in tasks.into_iter().enumerate() {
         match t.await.expect("task") {
-            Ok((kind, status, body)) => {
-                assert!(
-                    kind < 2,
-                    "a cut-off body arrived as complete ({} bytes)",
+            // Whatever the timing, an answer is a clean 502, never a
+            // success (a cut-off body never arrives as complete).
+            Ok((_kind, status, body)) => {
+                assert_eq!(
+                    status,
+                    StatusCode::BAD_GATEWAY,
+                    "request {i}: {} bytes",
                     body.len()
                 );
-                assert_eq!(status, StatusCode::BAD_GATEWAY, "request {i}");
                 let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON error");
                 assert_eq!(json["error"], "upstream_unavailable");
             }
-            // Only the response that was already under way may break.
+            // A reset before the response head is always answered; the
+            // upload and the response body may instead break the client's
+            // connection (the gateway stops reading the upload, or had
+            // already sent the head), which the client sees as a failure.
             Err(e) => {
-                assert_eq!(i % 3, 2, "request {i} failed without an answer: {e}");
-                broken_bodies += 1;
+                assert_ne!(i % 3, 0, "request {i} failed without an answer: {e}");
             }
         }
     }
-    assert_eq!(broken_bodies, 8);
     let (status, body) = try_request(Method::GET, &gw.url("/ok"), &[], Bytes::new())
         .await
         .expect("still serving");
