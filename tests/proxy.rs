@@ -1086,7 +1086,9 @@ async fn case_insensitive_rules_protect_every_case_spelling() {
     let res = get(&plain.url("/ADMIN/x"), &[("authorization", &auth)]).await;
     assert_eq!(res.status, StatusCode::OK);
     assert_eq!(up.hits(), 1);
+}
 
+#[tokio::test]
 // Bug fix: whether a peer is a trusted proxy used to be decided when its
 // connection was accepted, so after a reload that removed it, its open
 // keep-alive connection stayed trusted. It is decided per request now.
