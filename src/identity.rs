@@ -82,13 +82,23 @@ impl Authenticator {
         let keys = match cfg.jwt.as_ref().map(|j| (j, &j.remote)) {
             None => None,
             Some((_, Some(settings))) => {
-                let reuse = previous.and_then(|p| match &p.keys {
-                    Some(Keys::Remote(r)) if r.settings() == settings => Some(r.clone()),
+                let old = previous.and_then(|p| match &p.keys {
+                    Some(Keys::Remote(r)) => Some(r),
                     _ => None,
                 });
-                Some(Keys::Remote(match reuse {
-                    Some(r) => r,
-                    None => Arc::new(RemoteKeys::start(settings.clone(), metrics.clone())?),
+                Some(Keys::Remote(match old {
+                    Some(r) if r.settings() == settings => r.clone(),
+                    // Same place, other bounds: keep serving the keys we
+                    // have while the new fetcher starts.
+                    _ => {
+                        let seed = old
+                            .filter(|r| {
+                                r.settings().source == settings.source
+                                    && r.settings().ca_file == settings.ca_file
+                            })
+                            .and_then(|r| r.current());
+                        Arc::new(RemoteKeys::start(settings.clone(), metrics.clone(), seed)?)
+                    }
                 }))
             }
             Some((jwt, None)) => Some(Keys::Fixed(Arc::new(KeySet::new(jwt.keys.keys.clone())))),

@@ -823,3 +823,28 @@ fn check_and_explain_show_provider_settings() {
         "{out}"
     );
 }
+
+#[tokio::test]
+// A reload that changes only the refresh bounds keeps serving the keys
+// already fetched, even while the provider is unreachable.
+async fn reload_with_new_bounds_keeps_serving_the_keys() {
+    let mut idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let text = yaml(&up, &format!("    jwks_url: {}", idp.jwks_url()));
+    let gw = TestGateway::start(&text).await;
+    wait_ready(&gw).await;
+    let token = idp.token(AUDIENCE, &user("alice")).await;
+    idp.stop();
+    let changed = text.replace(
+        "    audience:",
+        "    jwks_min_refresh: 5s\n    jwks_max_refresh: 10m\n    audience:",
+    );
+    assert_ne!(changed, text);
+    let running = gw.running.as_ref().expect("running");
+    running
+        .gateway
+        .reload(support::gateway::load(&changed))
+        .expect("reload");
+    assert_eq!(get(&gw.admin_url("/readyz"), &[]).await.status, 200);
+    assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+}

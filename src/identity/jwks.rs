@@ -218,8 +218,14 @@ impl Drop for RemoteKeys {
 
 impl RemoteKeys {
     /// Start fetching per `settings` (in the background when a Tokio runtime
-    /// is running; otherwise on the first token).
-    pub fn start(settings: JwksSettings, metrics: Arc<Metrics>) -> Result<RemoteKeys, String> {
+    /// is running; otherwise on the first token). `seed` is a set already
+    /// fetched from the same place (a reload that changed other settings),
+    /// used until the first fetch replaces it.
+    pub fn start(
+        settings: JwksSettings,
+        metrics: Arc<Metrics>,
+        seed: Option<Arc<KeySet>>,
+    ) -> Result<RemoteKeys, String> {
         let tls = crate::proxy::upstream_tls(settings.ca_file.as_deref())?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -233,7 +239,7 @@ impl RemoteKeys {
         let inner = Arc::new(Inner {
             settings,
             client,
-            current: ArcSwapOption::empty(),
+            current: ArcSwapOption::new(seed),
             fetch: tokio::sync::Mutex::new(FetchState::default()),
             metrics,
         });
@@ -245,6 +251,11 @@ impl RemoteKeys {
 
     pub fn settings(&self) -> &JwksSettings {
         &self.inner.settings
+    }
+
+    /// The current set, if any.
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.inner.current.load_full()
     }
 
     async fn refetch_for_unknown_kid(&self) -> Option<Arc<KeySet>> {
