@@ -319,9 +319,14 @@ impl Proxy {
             Ok(res) => res,
         };
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                return Ok(splice_upgrade(res, client_upgrade));
-            }
+            // A 101 nobody asked for would hand the client's connection to
+            // the upstream's protocol, past the policy: refuse it.
+            return match client_upgrade {
+                Some(client_upgrade) => Ok(splice_upgrade(res, client_upgrade)),
+                None => Err(ProxyError::Upstream(
+                    "101 Switching Protocols without an upgrade request".into(),
+                )),
+            };
         }
         let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);

@@ -1163,3 +1163,81 @@ async fn refusals_render_for_who_asked() {
     assert_eq!(api.status, StatusCode::FORBIDDEN);
     assert_eq!(api.json()["error"], "forbidden");
 }
+
+#[tokio::test]
+// #10 item 6, response and framing hygiene: an unsolicited 101 from the
+// upstream becomes a 502 (it would hand the client's connection to another
+// protocol past the policy); HTTP/2 cookie fields reach an HTTP/1.1
+// upstream as one Cookie header; logout's 204 is never cached.
+async fn hygiene_unsolicited_101_h2_cookies_logout_no_store() {
+    // An upstream that answers 101 to anything.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bad = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let gw = TestGateway::start(&config_yaml(&format!("http://{bad}"), CONSOLE, "")).await;
+    let res = get(&gw.url("/x"), &[]).await;
+    assert_eq!(res.status, StatusCode::BAD_GATEWAY);
+
+    // HTTP/2 (prior knowledge on the plain listener): two cookie fields,
+    // one Cookie line upstream, the second-factor cookie removed.
+    let (up, gw) = setup().await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.expect("tcp");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/echo", gw.addr))
+        .header("cookie", "a=1")
+        .header("cookie", "stepgate_sf=tok")
+        .header("cookie", "b=2")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("req");
+    let res = send.send_request(req).await.expect("h2 response");
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).expect("echo");
+    let cookies: Vec<&str> = echo["header_lines"]
+        .as_array()
+        .expect("header_lines")
+        .iter()
+        .filter(|l| {
+            l[0].as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case("cookie"))
+        })
+        .filter_map(|l| l[1].as_str())
+        .collect();
+    assert_eq!(cookies, vec!["a=1; b=2"]);
+    assert_eq!(up.hits(), 1);
+
+    // Logout answers 204 with no-store.
+    let tok = primary_token("alice", Some("a@example.com"), None, None);
+    let res = request(
+        Method::POST,
+        &gw.url("/.stepgate/api/logout"),
+        &[("authorization", &bearer(&tok))],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT);
+    assert_eq!(res.header("cache-control"), Some("no-store"));
+}

@@ -6,7 +6,7 @@ use http::header::{HeaderValue, HOST};
 use http::{HeaderMap, HeaderName, Request, Response};
 
 use super::{Exchange, State};
-use crate::http::{Body, Rejection};
+use crate::http::{cookies, Body, Rejection};
 use crate::identity::Identity;
 use crate::policy::Rule;
 use crate::proxy::{self, ProxyError};
@@ -40,6 +40,9 @@ pub(super) async fn run(
         .and_then(|a| sign_assertion(a, &req, ex.rule));
     let headers = req.headers_mut();
     s.stepup.strip_token(headers);
+    // HTTP/2 clients send one `cookie` field per cookie (RFC 9113
+    // 8.2.3); an HTTP/1.1 upstream expects them in one header.
+    cookies::join(headers);
     headers.extend(facts);
     if let Some((name, value)) = assertion {
         headers.insert(name, value);

@@ -84,6 +84,21 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     }
 }
 
+/// Join several `Cookie` headers into one (`; `-separated, bytes kept).
+pub fn join(headers: &mut HeaderMap) {
+    let values: Vec<&[u8]> = headers
+        .get_all(COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if values.len() < 2 {
+        return;
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&values.join(&b"; "[..])) {
+        headers.insert(COOKIE, v);
+    }
+}
+
 /// `Set-Cookie` for a gateway cookie: whole site, HttpOnly, SameSite=Lax,
 /// Secure when served over TLS. A zero `max_age` clears the cookie.
 pub fn set_cookie(name: &str, value: &str, max_age: Duration, secure: bool) -> Option<HeaderValue> {
