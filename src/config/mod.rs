@@ -1,4 +1,5 @@
-//! The config file: raw serde schema -> `validate()` -> immutable [`Config`].
+//! The config file: raw serde schema (`raw.rs`, `${NAME}` from `env.rs`) ->
+//! validation -> immutable [`Config`]; positions from `position.rs`.
 //!
 //! Loading happens in three steps so that every problem is reported with
 //! `FILE:LINE:COL: key.path: message`:
