@@ -1241,3 +1241,42 @@ async fn hygiene_unsolicited_101_h2_cookies_logout_no_store() {
     assert_eq!(res.status, StatusCode::NO_CONTENT);
     assert_eq!(res.header("cache-control"), Some("no-store"));
 }
+
+#[tokio::test]
+// #10 item 4, cross-site form posts are not stashed: another site's form
+// posting into a step-up route still meets the challenge, but its body is
+// not kept for replay (which would complete the forged action after the
+// user's own verification); a same-site post is kept.
+async fn cross_site_form_posts_are_not_stashed() {
+    let (_up, gw) = setup().await;
+    let tok = primary_token("alice", Some("a@example.com"), None, Some("s1"));
+    let auth = bearer(&tok);
+    let host = gw.addr.to_string();
+    let same_origin = format!("http://{host}");
+    for (headers, kept) in [
+        (vec![("sec-fetch-site", "cross-site")], false),
+        (vec![("origin", "https://evil.example")], false),
+        (vec![("origin", "null")], false),
+        (vec![("sec-fetch-site", "same-origin")], true),
+        (vec![("origin", same_origin.as_str())], true),
+    ] {
+        let mut h = vec![
+            ("authorization", auth.as_str()),
+            ("accept", "text/html"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ];
+        h.extend(headers.iter().copied());
+        let res = request(Method::POST, &gw.url("/admin/save"), &h, Bytes::from("a=1")).await;
+        assert_eq!(res.status, StatusCode::SEE_OTHER, "{headers:?}");
+        let location = res.header("location").unwrap_or_default();
+        assert!(
+            location.starts_with("/.stepgate/challenge?rd=/admin/save"),
+            "{location}"
+        );
+        assert_eq!(
+            location.contains("&stash="),
+            kept,
+            "{headers:?}: {location}"
+        );
+    }
+}

@@ -46,7 +46,7 @@ pub(super) async fn run(
         StepupCheck::Needed => {
             // Forward-auth never sees the body, so there is nothing to keep.
             let stash = if ex.mode == Mode::Proxy && ex.client == Client::FormPost {
-                Box::pin(s.stepup.stash_form(req, &id)).await
+                Box::pin(s.stepup.stash_form(req, &id, ex.host.as_deref())).await
             } else {
                 None
             };

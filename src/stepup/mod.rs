@@ -96,6 +96,26 @@ impl Stash {
     }
 }
 
+/// Whether the browser says the request comes from another site:
+/// `Sec-Fetch-Site` other than `same-origin`/`none`, else an `Origin` whose
+/// host is not the request's. Without either signal (old browsers) the
+/// post counts as same-site.
+fn cross_site(headers: &HeaderMap, host: Option<&str>) -> bool {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = value("sec-fetch-site") {
+        return !matches!(site.trim(), "same-origin" | "none");
+    }
+    match value("origin") {
+        None => false,
+        Some(origin) => {
+            let origin_host = origin
+                .split_once("://")
+                .map(|(_, rest)| rest.trim_end_matches('/'));
+            origin_host.is_none() || origin_host != host
+        }
+    }
+}
+
 /// Step-up state shared by all requests of one policy generation.
 pub struct Stepup {
     cfg: config::Stepup,
@@ -278,7 +298,19 @@ impl Stepup {
     /// page can replay it after verification. Returns the stash id, or
     /// `None` when the form is too big to keep or the store refused (the
     /// challenge still works; the form is not replayed).
-    pub async fn stash_form(&self, req: &mut Request<Body>, id: &Identity) -> Option<String> {
+    pub async fn stash_form(
+        &self,
+        req: &mut Request<Body>,
+        id: &Identity,
+        host: Option<&str>,
+    ) -> Option<String> {
+        // Another site's form posting into the app is not kept: replayed
+        // after the user's own verification, it would complete an action
+        // the user never chose (a cross-site request forgery through us).
+        if cross_site(req.headers(), host) {
+            tracing::debug!("cross-site form post not stashed");
+            return None;
+        }
         let target = req
             .uri()
             .path_and_query()
