@@ -613,3 +613,312 @@ async fn algorithm_confusion_public_key_as_hmac_secret_is_refused_for_second_fac
         assert_eq!(env.up.hits(), 1);
     }
 }
+
+// ------------------------------------------------ cookies under TLS
+
+/// One HTTP/1.1 request over TLS to `addr`, verified against `ca`.
+async fn tls_request(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> TestResponse {
+    use http_body_util::BodyExt;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("pem") {
+        roots.add(c.expect("cert")).expect("add root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("tls handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("localhost:{}", addr.port()));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let res = send.send_request(req).await.expect("response");
+    let (status, headers) = (res.status(), res.headers().clone());
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    TestResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Protects the Secure flag: behind a TLS listener the second-factor cookie
+// (and the cookie that clears it at logout) is never sent over plain HTTP.
+async fn second_factor_cookie_is_secure_under_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/gen-dev-cert.sh"
+    ))
+    .arg(dir.path())
+    .stdout(std::process::Stdio::null())
+    .status()
+    .expect("gen-dev-cert.sh runs");
+    assert!(status.success());
+    let (crt, key, ca) = (
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+        dir.path().join("ca.crt"),
+    );
+    let env = Env::start_edited(false, OTP, |y| {
+        y.replacen(
+            "  header_read_timeout: 2s\n",
+            &format!(
+                "  header_read_timeout: 2s\n  tls:\n    cert: {}\n    key: {}\n",
+                crt.display(),
+                key.display()
+            ),
+            1,
+        )
+    })
+    .await;
+    let u = user("tess", None);
+    let json_headers = [
+        ("authorization", u.auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let res = tls_request(
+        env.gw.addr,
+        &ca,
+        Method::POST,
+        "/.stepgate/api/otp",
+        &json_headers,
+        r#"{"method":"email"}"#,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .expect("cid")
+        .to_string();
+    let code = mailed_code(&env.smtp, &u.email, 0).await;
+    let res = tls_request(
+        env.gw.addr,
+        &ca,
+        Method::POST,
+        "/.stepgate/api/otp/verify",
+        &json_headers,
+        &serde_json::json!({"challenge_id": cid, "code": code}).to_string(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    let cookie = res.header("set-cookie").unwrap_or_default().to_string();
+    assert!(cookie.starts_with("stepgate_sf="), "{cookie}");
+    let attrs: Vec<&str> = cookie.split(';').map(str::trim).collect();
+    assert!(attrs.contains(&"Secure"), "{cookie}");
+    assert!(attrs.contains(&"HttpOnly"), "{cookie}");
+    let token = res.json()["token"].as_str().expect("token").to_string();
+    let res = tls_request(
+        env.gw.addr,
+        &ca,
+        Method::POST,
+        "/.stepgate/api/logout",
+        &[
+            ("authorization", &u.auth),
+            ("x-second-factor-token", &token),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT);
+    let clear = res.header("set-cookie").unwrap_or_default().to_string();
+    let attrs: Vec<&str> = clear.split(';').map(str::trim).collect();
+    assert!(attrs.contains(&"Max-Age=0"), "{clear}");
+    assert!(attrs.contains(&"Secure"), "{clear}");
+}
+
+// ------------------------------------------------ primary token times
+
+#[tokio::test]
+// Protects the `nbf` check and the configured leeway on primary tokens:
+// a token not yet valid is refused, and the leeway stretches `exp` and
+// `nbf` by exactly what is configured, no more.
+async fn primary_token_nbf_and_leeway() {
+    let up = support::upstream::Upstream::start().await;
+    let strict = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let lenient = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "").replacen(
+        "    leeway: 0s\n",
+        "    leeway: 60s\n",
+        1,
+    ))
+    .await;
+    let now = stepgate::token::unix_now();
+    let token = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"sub": "nina", "iss": "https://idp.test", "aud": "legacy-app", "iat": now, "exp": now + 600});
+        for (k, v) in extra.as_object().expect("object") {
+            c[k] = v.clone();
+        }
+        format!("Bearer {}", sign(&c))
+    };
+    // (claims, accepted without leeway, accepted with 60 s leeway)
+    let cases = [
+        (serde_json::json!({}), true, true),
+        (serde_json::json!({"nbf": now - 5}), true, true),
+        (serde_json::json!({"nbf": now + 30}), false, true),
+        (serde_json::json!({"nbf": now + 300}), false, false),
+        (serde_json::json!({"exp": now - 30}), false, true),
+        (serde_json::json!({"exp": now - 300}), false, false),
+    ];
+    for (claims, strict_ok, lenient_ok) in cases {
+        let auth = token(claims.clone());
+        for (gw, ok, name) in [
+            (&strict, strict_ok, "leeway 0s"),
+            (&lenient, lenient_ok, "leeway 60s"),
+        ] {
+            let res = get(&gw.url("/account/me"), &[("authorization", &auth)]).await;
+            let want = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            assert_eq!(res.status, want, "{claims} with {name}");
+        }
+    }
+}
+
+// ------------------------------------------------ parallel sends
+
+both_stores!(parallel_sends_never_exceed_max_sends,);
+
+// Protects the atomicity of the per-user send cap: 20 concurrent code
+// requests on both channels yield exactly max_sends codes.
+async fn parallel_sends_never_exceed_max_sends(redis: bool) {
+    const MAX_SENDS: usize = 3;
+    let otp = OTP
+        .replace("resend_after: 30s", "resend_after: 0s")
+        .replace("max_sends: 5", &format!("max_sends: {MAX_SENDS}"));
+    let env = Env::start(redis, &otp).await;
+    let u = user("paula", None);
+    let url = env.gw.url("/.stepgate/api/otp");
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, auth) = (url.clone(), u.auth.clone());
+            let method = if i % 2 == 0 { "email" } else { "sms" };
+            tokio::spawn(async move {
+                request(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("authorization", &auth),
+                        ("content-type", "application/json"),
+                    ],
+                    Bytes::from(format!(r#"{{"method":"{method}"}}"#)),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for t in tasks {
+        let res = t.await.expect("task");
+        match res.status {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(res.json()["error"], "too_many_codes", "{}", res.text())
+            }
+            s => panic!("unexpected {s}: {}", res.text()),
+        }
+    }
+    assert_eq!(accepted, MAX_SENDS);
+    // What was accepted was delivered, and nothing more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let delivered = env.smtp.received().len() + env.sms.requests().len();
+        if delivered == MAX_SENDS {
+            break;
+        }
+        assert!(delivered < MAX_SENDS, "{delivered} codes delivered");
+        assert!(
+            Instant::now() < deadline,
+            "only {delivered} codes delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        start_otp(&env.gw, &u, "email").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+// ------------------------------------------------ key reload
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Protects key rotation by reload: after a new second-factor signing key is
+// swapped in, tokens issued under the old key no longer pass, and the old
+// key's open challenges yield no token.
+async fn reloading_a_new_signing_key_invalidates_issued_tokens() {
+    let otp = OTP.replace("resend_after: 30s", "resend_after: 0s");
+    let env = Env::start(false, &otp).await;
+    let u = user("rory", None);
+    let old = step_up(&env, &u, 0).await;
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &old).await.status,
+        StatusCode::OK
+    );
+    let (cid, code) = email_challenge(&env, &u, 1).await;
+    let new_key = "a-brand-new-stepup-signing-key-0123456789";
+    let yaml = env.yaml.replacen(STEPUP_KEY, new_key, 1);
+    assert_ne!(yaml, env.yaml);
+    env.gw
+        .running
+        .as_ref()
+        .expect("running")
+        .gateway
+        .reload(load(&yaml))
+        .expect("reload");
+    let hits = env.up.hits();
+    let res = protected(&env.gw, "/admin/x", &u, &old).await;
+    assert_eq!(
+        res.status,
+        StatusCode::UNAUTHORIZED,
+        "old token still passes"
+    );
+    let res = get(
+        &env.gw.url("/admin/x"),
+        &[
+            ("authorization", &u.auth),
+            ("cookie", &format!("stepgate_sf={old}")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        res.status,
+        StatusCode::UNAUTHORIZED,
+        "old cookie still passes"
+    );
+    assert_eq!(env.up.hits(), hits);
+    // The code of a challenge opened under the old key is no longer right.
+    let res = verify(&env.gw, &u, &cid, &code).await;
+    assert_ne!(res.status, StatusCode::OK, "{}", res.text());
+    // Under the new key a fresh step-up works.
+    let fresh = step_up(&env, &u, 2).await;
+    assert_eq!(
+        protected(&env.gw, "/admin/x", &u, &fresh).await.status,
+        StatusCode::OK
+    );
+}
