@@ -13,66 +13,6 @@ use http::{Method, StatusCode};
 use support::flow::*;
 use support::gateway::*;
 
-async fn post_json(gw: &TestGateway, path: &str, u: &User, body: &str) -> TestResponse {
-    request(
-        Method::POST,
-        &gw.url(path),
-        &[
-            ("authorization", &u.auth),
-            ("content-type", "application/json"),
-        ],
-        Bytes::from(body.to_string()),
-    )
-    .await
-}
-
-async fn start_otp(gw: &TestGateway, u: &User, method: &str) -> TestResponse {
-    post_json(
-        gw,
-        "/.stepgate/api/otp",
-        u,
-        &format!(r#"{{"method":"{method}"}}"#),
-    )
-    .await
-}
-
-async fn verify(gw: &TestGateway, u: &User, cid: &str, code: &str) -> TestResponse {
-    post_json(
-        gw,
-        "/.stepgate/api/otp/verify",
-        u,
-        &serde_json::json!({"challenge_id": cid, "code": code}).to_string(),
-    )
-    .await
-}
-
-/// Start an email challenge and read its code from the mailbox.
-async fn email_challenge(env: &Env, u: &User, n: usize) -> (String, String) {
-    let res = start_otp(&env.gw, u, "email").await;
-    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
-    let cid = res.json()["challenge_id"]
-        .as_str()
-        .expect("challenge_id")
-        .to_string();
-    (cid, mailed_code(&env.smtp, &u.email, n).await)
-}
-
-/// Full step-up by email; returns the second-factor token.
-async fn step_up(env: &Env, u: &User, n: usize) -> String {
-    let (cid, code) = email_challenge(env, u, n).await;
-    let res = verify(&env.gw, u, &cid, &code).await;
-    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
-    res.json()["token"].as_str().expect("token").to_string()
-}
-
-async fn protected(gw: &TestGateway, path: &str, u: &User, token: &str) -> TestResponse {
-    get(
-        &gw.url(path),
-        &[("authorization", &u.auth), ("x-second-factor-token", token)],
-    )
-    .await
-}
-
 /// A code that is surely not `code`.
 fn wrong(code: &str) -> String {
     if code.starts_with('0') {
@@ -334,7 +274,7 @@ async fn lockout_refuses_verification_of_a_correct_code(redis: bool) {
         .replace("max_failures: 6", "max_failures: 2");
     let env = Env::start(redis, &otp).await;
     let u = user("lola", None);
-    let (cid, code) = email_challenge(&env, &u, 0).await;
+    let (cid, code) = email_challenge(&env, &env.gw, &u, 0).await;
     let res = verify(&env.gw, &u, &cid, &wrong(&code)).await;
     assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{}", res.text());
     assert_eq!(res.json()["attempts_left"], 4);
@@ -880,7 +820,7 @@ async fn reloading_a_new_signing_key_invalidates_issued_tokens() {
         protected(&env.gw, "/admin/x", &u, &old).await.status,
         StatusCode::OK
     );
-    let (cid, code) = email_challenge(&env, &u, 1).await;
+    let (cid, code) = email_challenge(&env, &env.gw, &u, 1).await;
     let new_key = "a-brand-new-stepup-signing-key-0123456789";
     let yaml = env.yaml.replacen(STEPUP_KEY, new_key, 1);
     assert_ne!(yaml, env.yaml);
@@ -921,4 +861,389 @@ async fn reloading_a_new_signing_key_invalidates_issued_tokens() {
         protected(&env.gw, "/admin/x", &u, &fresh).await.status,
         StatusCode::OK
     );
+}
+
+// ------------------------------------------------ form stash
+
+/// A browser form post to `path` (same-origin), answered without a fresh
+/// factor by a 303 to the challenge page; returns the `stash` id, if kept.
+async fn form_post(gw: &TestGateway, u: &User, path: &str, body: String) -> Option<String> {
+    let origin = format!("http://{}", gw.addr);
+    let res = request(
+        Method::POST,
+        &gw.url(path),
+        &[
+            ("authorization", &u.auth),
+            ("accept", "text/html"),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &origin),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        Bytes::from(body),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::SEE_OTHER, "{}", res.text());
+    let location = res.header("location").expect("location").to_string();
+    assert!(location.starts_with("/.stepgate/challenge?"), "{location}");
+    location
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("stash="))
+        .map(str::to_string)
+}
+
+/// Verify a code on the challenge page (form post with its CSRF token),
+/// carrying `stash`. Returns the page's answer.
+async fn page_verify(env: &Env, u: &User, n: usize, stash: &str) -> TestResponse {
+    let page = get(
+        &env.gw.url(&format!(
+            "/.stepgate/challenge?rd=/admin/settings&stash={stash}"
+        )),
+        &[("authorization", &u.auth), ("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+    let html = page.text();
+    let csrf = html
+        .split(r#"name="csrf" value=""#)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("csrf field")
+        .to_string();
+    let (cid, code) = email_challenge(env, &env.gw, u, n).await;
+    let form =
+        format!("cid={cid}&ch=email&code={code}&csrf={csrf}&rd=%2Fadmin%2Fsettings&stash={stash}");
+    request(
+        Method::POST,
+        &env.gw.url("/.stepgate/challenge/verify"),
+        &[
+            ("authorization", &u.auth),
+            ("accept", "text/html"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Bytes::from(form),
+    )
+    .await
+}
+
+both_stores!(stash_is_bounded_and_one_per_session,);
+
+// Protects the form stash limits: a post over stash_max_bytes is not kept,
+// a session keeps one stash (a newer post replaces the older), and a stash
+// is replayed only to the session that posted it.
+async fn stash_is_bounded_and_one_per_session(redis: bool) {
+    let otp = OTP.replace("resend_after: 30s", "resend_after: 0s");
+    let env = Env::start_edited(redis, &otp, |y| {
+        y.replacen("  otp:\n", "  stash_max_bytes: 256\n  otp:\n", 1)
+    })
+    .await;
+    let u = user("stan", Some("s1"));
+    // Over the limit: the challenge still works, nothing is kept.
+    let big = format!("motd={}", "x".repeat(300));
+    assert_eq!(form_post(&env.gw, &u, "/admin/settings", big).await, None);
+    // Two posts by one session: the second replaces the first.
+    let first = form_post(&env.gw, &u, "/admin/settings", "motd=first-post".into())
+        .await
+        .expect("first post kept");
+    let second = form_post(&env.gw, &u, "/admin/settings", "motd=second-post".into())
+        .await
+        .expect("second post kept");
+    assert_ne!(first, second);
+    // Another sign-in of the same user cannot take this session's stash.
+    let other = user("stan", Some("s2"));
+    let res = page_verify(&env, &other, 0, &second).await;
+    assert_eq!(res.status, StatusCode::SEE_OTHER, "{}", res.text());
+    assert!(!res.text().contains("second-post"));
+    let res = page_verify(&env, &u, 1, &second).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    let html = res.text();
+    assert!(html.contains("second-post"), "{html}");
+    assert!(!html.contains("first-post"), "{html}");
+    // The replaced stash is gone, and the replayed one is not replayed twice.
+    for stash in [&first, &second] {
+        let res = page_verify(&env, &u, 2 + usize::from(stash == &second), stash).await;
+        assert_eq!(res.status, StatusCode::SEE_OTHER, "{}", res.text());
+        assert!(!res.text().contains("-post"), "{}", res.text());
+    }
+}
+
+// ------------------------------------------------ audit events and outcomes
+
+/// A string (or number, as text) field of a JSON log line.
+fn log_field(line: &serde_json::Value, name: &str) -> Option<String> {
+    let v = line.get(name).or_else(|| line["fields"].get(name))?;
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The JSON lines of the binary's log.
+fn log_lines(gw: &BinaryGateway) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(gw.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Wait until a log line has every `(field, value)` pair; return it.
+async fn wait_log(gw: &BinaryGateway, want: &[(&str, &str)]) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(l) = log_lines(gw).into_iter().find(|l| {
+            want.iter()
+                .all(|(k, v)| log_field(l, k).as_deref() == Some(*v))
+        }) {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {want:?}:\n{}",
+            std::fs::read_to_string(gw.log_path()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Protects the audit trail and the access log: every audit event and every
+// request outcome the README lists is logged for the request that caused it
+// (subject, channel, rule or detail; path, rule, status and outcome).
+async fn every_audit_event_and_outcome_is_logged_for_its_request() {
+    use support::gateway::BinaryGateway;
+    let up = support::upstream::Upstream::start().await;
+    let smtp = support::smtp::SmtpServer::start();
+    let failing_sms = support::http_sink::HttpSink::start(500).await;
+    let mut redis = support::redis::RedisServer::start();
+    let otp = OTP
+        .replace("resend_after: 30s", "resend_after: 0s")
+        .replace("max_failures: 6", "max_failures: 2");
+    let yaml = config_yaml(
+        &up.url(),
+        &stepup_yaml(smtp.port(), &failing_sms.url(), &otp),
+        &format!(
+            "store:\n  redis: {}\n  prefix: \"audit:\"\nlog:\n  format: json\n  level: info\n",
+            redis.url()
+        ),
+    );
+    let gw = BinaryGateway::start_logged(&yaml).await;
+    let base = format!("http://{}", gw.addr);
+    let post = |u: &User, path: &str, body: String| {
+        let (url, auth) = (format!("{base}{path}"), u.auth.clone());
+        async move {
+            request(
+                Method::POST,
+                &url,
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                Bytes::from(body),
+            )
+            .await
+        }
+    };
+    let start =
+        |u: &User, ch: &str| post(u, "/.stepgate/api/otp", format!(r#"{{"method":"{ch}"}}"#));
+    let check = |u: &User, cid: &str, code: &str| {
+        post(
+            u,
+            "/.stepgate/api/otp/verify",
+            serde_json::json!({"challenge_id": cid, "code": code}).to_string(),
+        )
+    };
+
+    // ann: a whole step-up, a one_time spend, a logout.
+    let ann = user("ann", None);
+    let res = start(&ann, "email").await;
+    assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .expect("cid")
+        .to_string();
+    let code = mailed_code(&smtp, &ann.email, 0).await;
+    let res = check(&ann, &cid, &code).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    let token = res.json()["token"].as_str().expect("token").to_string();
+    for event in [
+        "challenge_started",
+        "code_sent",
+        "verify_ok",
+        "token_issued",
+    ] {
+        wait_log(
+            &gw,
+            &[("event", event), ("subject", "ann"), ("channel", "email")],
+        )
+        .await;
+    }
+    let res = get(
+        &format!("{base}/billing/export"),
+        &[
+            ("authorization", &ann.auth),
+            ("x-second-factor-token", &token),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    wait_log(
+        &gw,
+        &[
+            ("event", "token_spent"),
+            ("subject", "ann"),
+            ("rule", "export"),
+        ],
+    )
+    .await;
+    wait_log(
+        &gw,
+        &[
+            ("path", "/billing/export"),
+            ("rule", "export"),
+            ("status", "200"),
+            ("outcome", "forwarded"),
+        ],
+    )
+    .await;
+    let res = request(
+        Method::POST,
+        &format!("{base}/.stepgate/api/logout"),
+        &[
+            ("authorization", &ann.auth),
+            ("x-second-factor-token", &token),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT);
+    wait_log(&gw, &[("event", "logout"), ("subject", "ann")]).await;
+
+    // bea: SMS delivery fails.
+    let bea = user("bea", None);
+    assert_eq!(start(&bea, "sms").await.status, StatusCode::BAD_GATEWAY);
+    wait_log(
+        &gw,
+        &[
+            ("event", "delivery_failed"),
+            ("subject", "bea"),
+            ("channel", "sms"),
+        ],
+    )
+    .await;
+
+    // lou: wrong codes, a lockout, a refused send.
+    let lou = user("lou", None);
+    let res = start(&lou, "email").await;
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .expect("cid")
+        .to_string();
+    let code = mailed_code(&smtp, &lou.email, 0).await;
+    assert_eq!(
+        check(&lou, &cid, &wrong(&code)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    wait_log(&gw, &[("event", "verify_failed"), ("subject", "lou")]).await;
+    assert_eq!(
+        check(&lou, &cid, &wrong(&code)).await.status,
+        StatusCode::LOCKED
+    );
+    wait_log(&gw, &[("event", "lockout"), ("subject", "lou")]).await;
+    assert_eq!(start(&lou, "email").await.status, StatusCode::LOCKED);
+    wait_log(
+        &gw,
+        &[
+            ("event", "refused"),
+            ("subject", "lou"),
+            ("detail", "locked"),
+        ],
+    )
+    .await;
+
+    // Request outcomes, one distinct request each.
+    let cat = user("cat", None);
+    let cases: Vec<(&str, Vec<(&str, &str)>, &str, &str, &str)> = vec![
+        ("/assets/a.css", vec![], "static", "200", "forwarded"),
+        ("/internal/x", vec![], "internal", "403", "denied"),
+        ("/account/me", vec![], "account", "401", "unauthenticated"),
+        (
+            "/admin/outcome",
+            vec![("authorization", cat.auth.as_str())],
+            "admin",
+            "401",
+            "challenged",
+        ),
+        (
+            "/api/v1/keys",
+            vec![("x-http-method-override", "DELETE")],
+            "-",
+            "400",
+            "bad_request",
+        ),
+        (
+            "/.stepgate/api/methods",
+            vec![("authorization", cat.auth.as_str())],
+            "stepgate",
+            "200",
+            "gateway",
+        ),
+        ("/slow", vec![], "-", "504", "upstream_error"),
+    ];
+    for (path, headers, rule, status, outcome) in &cases {
+        let url = if *path == "/slow" {
+            format!("{base}/slow?ms=3000")
+        } else {
+            format!("{base}{path}")
+        };
+        let res = get(&url, headers).await;
+        assert_eq!(
+            res.status.as_u16().to_string(),
+            *status,
+            "{path}: {}",
+            res.text()
+        );
+        wait_log(
+            &gw,
+            &[
+                ("path", path),
+                ("rule", rule),
+                ("status", status),
+                ("outcome", outcome),
+            ],
+        )
+        .await;
+    }
+    // The store goes away: a step-up route fails closed, and says so.
+    let dan = user("dan", None);
+    let res = start(&dan, "email").await;
+    let cid = res.json()["challenge_id"]
+        .as_str()
+        .expect("cid")
+        .to_string();
+    let code = mailed_code(&smtp, &dan.email, 0).await;
+    let token = check(&dan, &cid, &code).await.json()["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    redis.stop();
+    let res = get(
+        &format!("{base}/admin/store"),
+        &[
+            ("authorization", &dan.auth),
+            ("x-second-factor-token", &token),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+    wait_log(
+        &gw,
+        &[
+            ("path", "/admin/store"),
+            ("rule", "admin"),
+            ("status", "503"),
+            ("outcome", "store_unavailable"),
+        ],
+    )
+    .await;
 }
