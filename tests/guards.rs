@@ -1163,7 +1163,9 @@ async fn every_audit_event_and_outcome_is_logged_for_its_request() {
 
     // Request outcomes, one distinct request each.
     let cat = user("cat", None);
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str, &str, &str)> = vec![
+    // (path, headers, rule, status, outcome)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         ("/assets/a.css", vec![], "static", "200", "forwarded"),
         ("/internal/x", vec![], "internal", "403", "denied"),
         ("/account/me", vec![], "account", "401", "unauthenticated"),
