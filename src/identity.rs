@@ -8,6 +8,7 @@
 pub mod jwks;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -61,12 +62,81 @@ pub enum IdentityError {
     KeysUnavailable,
 }
 
+/// Verified primary tokens kept at most (per policy generation).
+pub const TOKEN_CACHE_ENTRIES: usize = 10_000;
+
+/// Identities of primary tokens that passed full verification, so a token
+/// presented again is not verified again (an RS256 check costs a few
+/// hundred microseconds). The key is the SHA-256 of the whole token plus
+/// the generation of the key set it was verified with (a new JWKS from the
+/// identity provider has a new one) and this cache's own generation; an
+/// entry is used only until the token's `exp` (plus the configured leeway,
+/// exactly as verification allows it), and [`TokenCache::bump_generation`]
+/// forgets every entry. Tokens that fail verification are never cached.
+pub struct TokenCache {
+    entries: quick_cache::sync::Cache<CacheKey, CachedIdentity>,
+    generation: AtomicU64,
+}
+
+/// SHA-256 of the token, key-set generation, cache generation.
+type CacheKey = ([u8; 32], u64, u64);
+
+#[derive(Clone)]
+struct CachedIdentity {
+    identity: Identity,
+    /// Unix seconds after which the token is expired (`exp` + leeway).
+    valid_until: u64,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> TokenCache {
+        TokenCache {
+            entries: quick_cache::sync::Cache::new(capacity.max(1)),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// This cache's generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Forget every cached identity (a new key set gets a new generation of
+    /// its own and needs no bump). A verification that started before the bump stores
+    /// its result under the old generation, where it is never found.
+    pub fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.clear();
+    }
+
+    /// Cached identities (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn get(&self, key: &CacheKey, now: u64) -> Option<Identity> {
+        let hit = self.entries.get(key)?;
+        if now > hit.valid_until {
+            self.entries.remove(key);
+            return None;
+        }
+        Some(hit.identity)
+    }
+}
+
 /// Turns request headers into an [`Identity`].
 #[derive(Clone)]
 pub struct Authenticator {
     cfg: config::Identity,
     /// JWT verification keys (`None` without `identity.jwt`).
     keys: Option<Keys>,
+    /// One `Validation` per accepted algorithm, built once per policy.
+    validations: Arc<[(Algorithm, Validation)]>,
+    cache: Arc<TokenCache>,
 }
 
 impl Authenticator {
@@ -103,10 +173,32 @@ impl Authenticator {
             }
             Some((jwt, None)) => Some(Keys::Fixed(Arc::new(KeySet::new(jwt.keys.keys.clone())))),
         };
+        let validations = cfg
+            .jwt
+            .as_ref()
+            .map(|jwt| {
+                jwt.algorithms
+                    .iter()
+                    .map(|&alg| (alg, validation(jwt, alg)))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
         Ok(Authenticator {
             cfg: cfg.clone(),
             keys,
+            validations: validations.into(),
+            cache: Arc::new(TokenCache::new(TOKEN_CACHE_ENTRIES)),
         })
+    }
+
+    /// The cache of verified primary tokens.
+    pub fn token_cache(&self) -> &Arc<TokenCache> {
+        &self.cache
+    }
+
+    /// Forget every cached verified token.
+    pub fn bump_generation(&self) {
+        self.cache.bump_generation();
     }
 
     /// Whether JWTs can be verified: false until the identity provider's
@@ -179,15 +271,51 @@ impl Authenticator {
     }
 
     async fn verify_jwt(&self, jwt: &config::Jwt, token: &str) -> Result<Identity, IdentityError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = crate::token::unix_now();
+        // Only a token verified with the current key set is served from
+        // the cache.
+        let set_generation = self.keys.as_ref().and_then(|k| k.current()).map(|s| s.generation);
+        let key = set_generation.map(|g| (digest, g, self.cache.generation()));
+        if let Some(key) = &key {
+            if let Some(id) = self.cache.get(key, now) {
+                return Ok(id);
+            }
+        }
+        let (id, exp, used_generation) = self.verify_uncached(token, &digest).await?;
+        if let (Some(exp), Some(key)) = (exp, key) {
+            let valid_until = exp.saturating_add(jwt.leeway.as_secs());
+            // Cached under the generation of the set that verified it.
+            if valid_until >= now && key.1 == used_generation {
+                self.cache.entries.insert(
+                    key,
+                    CachedIdentity {
+                        identity: id.clone(),
+                        valid_until,
+                    },
+                );
+            }
+        }
+        Ok(id)
+    }
+
+    /// Full verification: signature, algorithm, key, `exp`/`nbf`, `iss`,
+    /// `aud`, claims. Returns the identity, the token's `exp` and the
+    /// generation of the key set that verified it.
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        digest: &[u8; 32],
+    ) -> Result<(Identity, Option<u64>, u64), IdentityError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::Header)?;
         // The gateway's own second-factor tokens are never primary
         // credentials, even if an operator reused one key for both.
         if header.typ.as_deref() == Some(crate::token::TOKEN_TYPE) {
             return Err(IdentityError::Header);
         }
-        if !jwt.algorithms.contains(&header.alg) {
+        let Some((_, v)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Err(IdentityError::Algorithm(header.alg));
-        }
+        };
         let keys = self.keys.as_ref().ok_or(IdentityError::KeysUnavailable)?;
         let kid = header.kid.as_deref();
         let mut set = keys.current();
@@ -203,26 +331,7 @@ impl Authenticator {
         if key_alg.is_some_and(|a| a != header.alg) {
             return Err(IdentityError::Algorithm(header.alg));
         }
-        let mut v = Validation::new(header.alg);
-        v.leeway = jwt.leeway.as_secs();
-        v.set_required_spec_claims(&["exp"]);
-        v.validate_exp = true;
-        v.validate_nbf = true;
-        match &jwt.issuer {
-            Some(iss) => {
-                v.set_issuer(&[iss]);
-                v.required_spec_claims.insert("iss".into());
-            }
-            None => v.iss = None,
-        }
-        match &jwt.audience {
-            Some(aud) => {
-                v.set_audience(&[aud]);
-                v.required_spec_claims.insert("aud".into());
-            }
-            None => v.validate_aud = false,
-        }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &v)
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, v)
             .map_err(|e| IdentityError::Rejected(e.to_string()))?;
         let claims = data.claims;
         if claims.get("aud").and_then(Value::as_str) == Some(crate::token::AUDIENCE) {
@@ -234,12 +343,15 @@ impl Authenticator {
             .ok_or_else(|| IdentityError::Claim(names.subject.clone()))?;
         let session = match string_claim(&claims, "sid") {
             Some(sid) if !sid.is_empty() => format!("sid:{sid}"),
-            _ => format!(
-                "jwt:{}",
-                URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
-            ),
+            _ => format!("jwt:{}", URL_SAFE_NO_PAD.encode(digest)),
         };
-        Ok(Identity {
+        // jsonwebtoken accepted `exp` as a number; a fractional one is
+        // rounded down (the token is cached for less, never longer).
+        let exp = claims.get("exp").and_then(|e| {
+            e.as_u64()
+                .or_else(|| e.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+        });
+        let identity = Identity {
             subject,
             email: string_claim(&claims, &names.email),
             phone: string_claim(&claims, &names.phone),
@@ -258,8 +370,33 @@ impl Authenticator {
                 t.as_u64()
                     .or_else(|| t.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
             }),
-        })
+        };
+        Ok((identity, exp, set.generation))
     }
+}
+
+/// The checks every primary token of algorithm `alg` must pass.
+fn validation(jwt: &config::Jwt, alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = jwt.leeway.as_secs();
+    v.set_required_spec_claims(&["exp"]);
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    match &jwt.issuer {
+        Some(iss) => {
+            v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
+        }
+        None => v.iss = None,
+    }
+    match &jwt.audience {
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            v.required_spec_claims.insert("aud".into());
+        }
+        None => v.validate_aud = false,
+    }
+    v
 }
 
 fn string_claim(claims: &Map<String, Value>, name: &str) -> Option<String> {
@@ -351,5 +488,136 @@ mod sf_tests {
             .authenticate(&h, IpAddr::from([127, 0, 0, 1]))
             .await
             .is_err());
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use crate::config::Config;
+
+    const KEY: &str = "cache-test-primary-key-0123456789abcdef";
+
+    fn authenticator(leeway: &str) -> Authenticator {
+        let yaml = format!(
+            "upstream: {{ url: http://127.0.0.1:1 }}\nidentity:\n  jwt: {{ algorithms: [HS256], secret: {KEY}, leeway: {leeway} }}\nstepup:\n  token: {{ signing_key: other-key-0123456789abcdef0123456789 }}\n  console: true\ndev: true\n"
+        );
+        let cfg = Config::from_yaml(std::path::Path::new("t.yaml"), &yaml, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        Authenticator::new(&cfg.identity, &Default::default(), None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn token(exp: u64) -> String {
+        let claims = serde_json::json!({"sub": "alice", "exp": exp, "sid": "s1"});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(KEY.as_bytes()),
+        )
+        .unwrap_or_default()
+    }
+
+    fn headers(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            AUTHORIZATION,
+            format!("Bearer {token}")
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        h
+    }
+
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[tokio::test]
+    // A cached token is refused once its exp has passed: the cache never
+    // extends a token's life.
+    async fn cached_token_is_refused_after_exp() {
+        let auth = authenticator("0s");
+        let exp = crate::token::unix_now() + 1;
+        let h = headers(&token(exp));
+        let id = auth.authenticate(&h, PEER).await;
+        assert_eq!(id.map(|i| i.map(|i| i.subject)), Ok(Some("alice".into())));
+        assert_eq!(auth.token_cache().len(), 1, "verified token is cached");
+        // Served from the cache while valid.
+        assert!(auth.authenticate(&h, PEER).await.is_ok());
+        // Wait for the wall clock to pass exp (not a synchronisation sleep:
+        // the condition is time itself).
+        while crate::token::unix_now() <= exp {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            auth.authenticate(&h, PEER).await.is_err(),
+            "expired token refused"
+        );
+        assert_eq!(auth.token_cache().len(), 0, "expired entry dropped");
+    }
+
+    #[tokio::test]
+    // The cache lookup itself refuses an entry past exp + leeway, whatever
+    // the verification would say.
+    async fn cache_entry_ends_at_exp_plus_leeway() {
+        let auth = authenticator("5s");
+        let now = crate::token::unix_now();
+        let t = token(now + 60);
+        assert!(auth.authenticate(&headers(&t), PEER).await.is_ok());
+        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+        let key = (
+            digest,
+            auth.key_generation().unwrap_or_default(),
+            auth.token_cache().generation(),
+        );
+        assert!(auth.token_cache().get(&key, now + 65).is_some());
+        assert!(auth.token_cache().get(&key, now + 66).is_none());
+        assert!(auth.token_cache().is_empty());
+    }
+
+    #[tokio::test]
+    // A key change (generation bump) forgets every cached token, and a
+    // verification that finished under the old keys is never served again.
+    async fn key_change_invalidates_cached_tokens() {
+        let auth = authenticator("0s");
+        let now = crate::token::unix_now();
+        let t = token(now + 600);
+        assert!(auth.authenticate(&headers(&t), PEER).await.is_ok());
+        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+        let set = auth.key_generation().unwrap_or_default();
+        let old = auth.token_cache().generation();
+        assert!(auth.token_cache().get(&(digest, set, old), now).is_some());
+        auth.bump_generation();
+        assert!(auth.token_cache().is_empty());
+        let new = auth.token_cache().generation();
+        assert_ne!(old, new);
+        assert!(auth.token_cache().get(&(digest, set, new), now).is_none());
+        // A late insert under the old generation is invisible.
+        auth.token_cache().entries.insert(
+            (digest, set, old),
+            CachedIdentity {
+                identity: Identity {
+                    subject: "mallory".into(),
+                    email: None,
+                    phone: None,
+                    session: "sid:x".into(),
+                    amr: Vec::new(),
+                    acr: None,
+                    auth_time: None,
+                },
+                valid_until: now + 600,
+            },
+        );
+        let id = auth.authenticate(&headers(&t), PEER).await;
+        assert_eq!(id.map(|i| i.map(|i| i.subject)), Ok(Some("alice".into())));
+    }
+
+    #[tokio::test]
+    // Tokens that fail verification are not cached.
+    async fn refused_tokens_are_not_cached() {
+        let auth = authenticator("0s");
+        let mut t = token(crate::token::unix_now() + 600);
+        t.push('x');
+        assert!(auth.authenticate(&headers(&t), PEER).await.is_err());
+        assert!(auth.token_cache().is_empty());
     }
 }

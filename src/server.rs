@@ -96,8 +96,22 @@ pub async fn serve(
     };
     let builder = Arc::new(http_builder(&cfg));
     let graceful = GracefulShutdown::new();
+    // At most `max_connections` client connections at once: past it the
+    // loop stops accepting, so new connections wait in the kernel's listen
+    // backlog (and are refused by the kernel once that is full) instead of
+    // growing memory without bound.
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.listen.max_connections));
+    let idle_first_read = cfg.listen.header_read_timeout;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             res = listener.accept() => match res {
                 Ok(x) => x,
@@ -115,8 +129,21 @@ pub async fn serve(
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
+        let mut stopping = stopping.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             gateway.metrics.connection_opened();
+            // A connection that has sent nothing yet holds no HTTP state
+            // (hyper allocates its buffers on the first read); the same
+            // deadline as for a request head applies, and shutdown ends it.
+            let first = tokio::select! {
+                r = tokio::time::timeout(idle_first_read, stream.readable()) => matches!(r, Ok(Ok(()))),
+                _ = stopping.wait_for(|s| *s) => false,
+            };
+            if !first {
+                gateway.metrics.connection_closed();
+                return;
+            }
             let conn = ClientConn {
                 peer,
                 tls: tls.is_some(),
@@ -127,18 +154,7 @@ pub async fn serve(
             });
             match tls {
                 Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(tls_stream)) => {
-                            let fut = builder
-                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-                            if let Err(e) = watcher.watch(fut.into_owned()).await {
-                                tracing::debug!(%peer, error = %e, "connection ended with an error");
-                            }
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
+                    Box::pin(serve_tls(acceptor, stream, peer, &builder, svc, watcher)).await
                 }
                 None => {
                     let fut = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -151,6 +167,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    let _ = stop.send(true);
     tracing::info!("shutting down: draining in-flight requests");
     if tokio::time::timeout(cfg.listen.drain_timeout, graceful.shutdown())
         .await
@@ -159,6 +176,28 @@ pub async fn serve(
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
     Ok(())
+}
+
+/// Serve one TLS connection (boxed by the caller, so plain connections
+/// do not carry the handshake state in their futures).
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    svc: TowerToHyperService<GatewayService>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let fut = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+            if let Err(e) = watcher.watch(fut.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
 }
 
 /// Bind a listener, naming the address on failure.

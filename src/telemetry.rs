@@ -18,23 +18,84 @@ use prometheus_client::registry::Registry;
 
 use crate::config::{Log, LogFormat};
 
+/// Log lines queued between the threads that log and the writer thread.
+/// Past this the sink is slower than traffic: further lines are dropped
+/// (counted in `stepgate_log_dropped_lines_total`, with a warning) rather
+/// than stalling requests.
+pub const LOG_QUEUE_LINES: usize = 65_536;
+
+/// Lines the log writer dropped because its queue was full.
+static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Log lines dropped so far because the sink (stderr) could not keep up.
+pub fn dropped_log_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Keeps the log writer thread alive; dropping it flushes what is queued.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
 /// Install the global tracing subscriber. `RUST_LOG` overrides the level.
-pub fn init_logging(log: &Log) {
+///
+/// Lines are formatted on the thread that logs and handed to one writer
+/// thread through a bounded queue ([`LOG_QUEUE_LINES`]); the writer batches
+/// them into few `write(2)` calls. A request never waits for stderr: when
+/// the queue is full the line is dropped and counted. Keep the returned
+/// guard until exit so queued lines are flushed.
+pub fn init_logging(log: &Log) -> LogGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
+    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("stepgate-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
+    let counter = writer.error_counter();
     // Colours only for a terminal: log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     // A second init (tests, `demo`) keeps the first subscriber.
-    let _ = match log.format {
+    let installed = match log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    if installed.is_err() || DROPPED.set(counter).is_err() {
+        return LogGuard { _worker: None };
+    }
+    // Say so when lines were lost (the warning itself goes through the
+    // queue, so it arrives once the sink catches up).
+    let _ = std::thread::Builder::new()
+        .name("stepgate-logwatch".into())
+        .spawn(|| {
+            let mut reported = 0;
+            loop {
+                std::thread::sleep(Duration::from_secs(10));
+                let dropped = dropped_log_lines();
+                if dropped > reported {
+                    tracing::warn!(
+                        dropped = dropped - reported,
+                        total = dropped,
+                        "log lines dropped: the log sink is slower than traffic"
+                    );
+                    reported = dropped;
+                }
+            }
+        });
+    LogGuard {
+        _worker: Some(worker),
+    }
 }
 
 /// What happened to a request, as a metrics label.
@@ -144,6 +205,9 @@ pub struct Metrics {
     jwks_age: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Unix seconds of the last good key-set fetch (0: none yet).
     jwks_fetched_at: AtomicU64,
+    log_dropped: Counter,
+    /// Serialises the copy of the dropped-lines count into `log_dropped`.
+    log_sync: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -205,8 +269,16 @@ impl Metrics {
             "Seconds since the identity provider's key set was last fetched successfully (-1: never)",
             jwks_age.clone(),
         );
+        let log_dropped = Counter::default();
+        registry.register(
+            "log_dropped_lines",
+            "Log lines dropped because the log sink was slower than traffic",
+            log_dropped.clone(),
+        );
         Metrics {
             sends_refused,
+            log_dropped,
+            log_sync: std::sync::Mutex::new(()),
             registry,
             jwks_fetches,
             jwks_age,
@@ -278,6 +350,12 @@ impl Metrics {
             self.jwks_age.set(i64::try_from(age).unwrap_or(i64::MAX));
         } else {
             self.jwks_age.set(-1);
+        }
+        let _sync = self.log_sync.lock();
+        let dropped = dropped_log_lines();
+        let seen = self.log_dropped.get();
+        if dropped > seen {
+            self.log_dropped.inc_by(dropped - seen);
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

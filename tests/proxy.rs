@@ -583,9 +583,65 @@ async fn admin_endpoints() {
         m.contains("stepgate_request_duration_seconds_bucket"),
         "{m}"
     );
+    assert!(m.contains("stepgate_log_dropped_lines_total 0"), "{m}");
     // On the public listener, /metrics is just another upstream path.
     let res = get(&gw.url("/metrics"), &[]).await;
     assert_eq!(res.json()["upstream"], "echo");
+}
+
+/// Read one response head from a kept-alive connection.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "connection closed before a response");
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+// listen.max_connections: past the limit a new connection is not served
+// (it waits in the listen backlog) until an open one closes; then it is.
+async fn max_connections_makes_new_connections_wait() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let up = Upstream::start().await;
+    let yaml = config_yaml(&up.url(), CONSOLE, "")
+        .replace(
+            "  header_read_timeout: 2s\n",
+            "  header_read_timeout: 30s\n",
+        )
+        .replace(
+            "  drain_timeout: 5s\n",
+            "  drain_timeout: 5s\n  max_connections: 2\n",
+        );
+    let gw = TestGateway::start(&yaml).await;
+    let req = b"GET /assets/x HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        s.write_all(req).await.expect("write");
+        assert_eq!(raw_status(&read_head(&mut s).await), 200);
+        open.push(s);
+    }
+    let mut third = TcpStream::connect(gw.addr).await.expect("kernel accepts");
+    third.write_all(req).await.expect("write");
+    let early = tokio::time::timeout(Duration::from_millis(500), read_head(&mut third)).await;
+    assert!(early.is_err(), "served beyond max_connections: {early:?}");
+    let m = get(&gw.admin_url("/metrics"), &[]).await.text();
+    assert!(m.contains("stepgate_open_connections 2"), "{m}");
+    // One connection closes: the waiting one is served.
+    drop(open.pop());
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut third))
+        .await
+        .expect("served once a slot is free");
+    assert_eq!(raw_status(&head), 200, "{head}");
+    // The first connection is still served on its kept-alive socket.
+    open[0].write_all(req).await.expect("write");
+    assert_eq!(raw_status(&read_head(&mut open[0]).await), 200);
 }
 
 /// A dev CA and a server certificate for localhost, made by the script

@@ -87,6 +87,9 @@ pub fn source_digest(text: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(text).into()
 }
 
+/// `listen.max_connections` when not set.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
 #[derive(Debug, Clone)]
 pub struct Listen {
     pub address: SocketAddr,
@@ -101,6 +104,9 @@ pub struct Listen {
     pub drain_timeout: Duration,
     /// Peers whose `X-Forwarded-For`/`-Proto`/`-Host` are trusted and extended.
     pub trusted_proxies: Vec<IpNet>,
+    /// Client connections served at once; further ones wait in the
+    /// listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -790,6 +796,17 @@ impl Validator<'_> {
                 8 * 1024
             }
         };
+        let max_connections = match l.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "listen.max_connections",
+                    format!("{n} is out of range 1..=1000000"),
+                );
+                DEFAULT_MAX_CONNECTIONS
+            }
+        };
         let header_read_timeout = self.duration(
             "listen.header_read_timeout",
             l.header_read_timeout,
@@ -812,6 +829,7 @@ impl Validator<'_> {
             header_read_timeout,
             drain_timeout,
             trusted_proxies,
+            max_connections,
         })
     }
 

@@ -32,6 +32,7 @@ pub struct Listen {
     pub header_read_timeout: Option<Str>,
     pub drain_timeout: Option<Str>,
     pub trusted_proxies: Option<Vec<Str>>,
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Deserialize)]
