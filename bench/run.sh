@@ -49,11 +49,11 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if ! command -v oha >/dev/null; then
+PATH=$PATH:$HOME/.cargo/bin:/usr/sbin
+if [[ "fixed-rate" =~ ${ONLY:-.} ]] && ! command -v oha >/dev/null; then
   echo "installing oha (cargo install oha --locked) ..." >&2
   cargo install oha --locked --quiet
 fi
-PATH=$PATH:$HOME/.cargo/bin
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 if [ -z "${STEPGATE_BIN:-}" ]; then
@@ -75,16 +75,17 @@ results=$work/results.tsv
 : > "$results"
 
 port=${BENCH_PORT:-19100}
-next_port() { port=$((port + 1)); echo $port; }
+alloc_port() { port=$((port + 1)); }
 wait_port() { # port
   for _ in $(seq 400); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.025; done
   echo "port $1 did not open" >&2; return 1
 }
 
 # --- upstream and nginx -------------------------------------------------
-backend=$(next_port)
-nginx_proxy=$(next_port)
+alloc_port; backend=$port
+alloc_port; nginx_proxy=$port
 mkdir -p "$work/www" "$work/nginx-backend" "$work/nginx-proxy"
+chmod 755 "$work" "$work/www"   # nginx workers run unprivileged
 head -c 100 /dev/zero | tr '\0' 'x' > "$work/www/small"
 head -c 16384 /dev/zero | tr '\0' 'y' > "$work/www/big"
 cat > "$work/nginx-backend/nginx.conf" <<NGINX
@@ -134,7 +135,7 @@ nginx -c "$work/nginx-proxy/nginx.conf" -p "$work/nginx-proxy" & pids+=($!)
 nginx_pid=$!
 wait_port "$backend"; wait_port "$nginx_proxy"
 
-redis_port=$(next_port)
+alloc_port; redis_port=$port
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
   --daemonize no --logfile "$work/redis.log" & pids+=($!)
 wait_port "$redis_port"
@@ -149,10 +150,10 @@ openssl pkey -in "$work/rsa.pem" -pubout -out "$work/rsa.pub.pem" 2>/dev/null
 gateway_yaml() {
   local name=$1 alg=$2 store=$3 log=$4 extra=${5:-}
   local gport aport key level store_yaml
-  gport=$(next_port); aport=$(next_port)
+  alloc_port; gport=$port; alloc_port; aport=$port
   if [ "$alg" = HS256 ]; then key="secret: \"$jwt_secret\""; else key="public_key: $work/rsa.pub.pem"; fi
   if [ "$log" = on ]; then level=info; else level=warn; fi
-  if [ "$store" = redis ]; then store_yaml="store: { redis: { url: \"redis://127.0.0.1:$redis_port\", prefix: \"bench-$name:\" } }"; else store_yaml=""; fi
+  if [ "$store" = redis ]; then store_yaml="store: { redis: \"redis://127.0.0.1:$redis_port\", prefix: \"bench-$name:\" }"; else store_yaml=""; fi
   cat > "$work/$name.yaml" <<YAML
 listen:
   address: 127.0.0.1:$gport
@@ -189,7 +190,7 @@ start_gateway() {
   read -r gw_port gw_admin < "$work/$name.ports"
   "$b" run -c "$work/$name.yaml" 2>"$work/$name.log" >/dev/null & pids+=($!)
   gw_pid=$!
-  wait_port "$gw_port"
+  wait_port "$gw_port" || { cat "$work/$name.log" >&2; exit 1; }
   for _ in $(seq 200); do
     curl -sf "http://127.0.0.1:$gw_admin/readyz" >/dev/null && break; sleep 0.05
   done
@@ -287,6 +288,8 @@ for entry in "${bins[@]}"; do
            "hs-redis-off HS256 redis off" "rs-redis-off RS256 redis off"; do
     set -- $v
     gateway_yaml "$tag-$1" "$2" "$3" "$4" > "$work/$tag-$1.ports"
+    # A base build may predate listen.max_connections.
+    "$b" check -c "$work/$tag-$1.yaml" >/dev/null 2>&1 || sed -i '/max_connections/d' "$work/$tag-$1.yaml"
     start_gateway "$tag-$1" "$b"
     GW_PID[$tag-$1]=$gw_pid GW_PORT[$tag-$1]=$gw_port
   done
@@ -442,7 +445,8 @@ idle_client() { # port count mode(request|connect) -> prints "ready", waits for 
   python3 - "$@" <<'PY'
 import asyncio, sys, resource
 port, count, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 async def one(conns):
     for attempt in range(50):
         try:

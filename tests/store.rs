@@ -101,6 +101,7 @@ macro_rules! redis_only {
 }
 
 redis_only!(
+    revocation_converges_without_notification,
     recovers_after_outage,
     starts_without_redis,
     prefix_isolates_stores
@@ -742,6 +743,52 @@ async fn memory_store_is_bounded() {
     // Waiting for the entries to expire is the behaviour under test.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(start(&store, &third, &l).await, StartOutcome::Started);
+}
+
+// Protects against an instance serving a revoked token for longer than the
+// documented bound when the revocation notification never reaches it: its
+// cached "not revoked" answer runs out and Redis is asked again.
+async fn revocation_converges_without_notification(kind: Kind) {
+    let server = kind.server();
+    let b = kind.store(&server, "other:");
+    // Until b's subscription is up it asks Redis every time; wait for it so
+    // the answer below is really cached.
+    let deadline = std::time::Instant::now() + GUARD;
+    while !b.revocations().is_live() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscription never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!ok(b.is_revoked("jti-x").await));
+    // Revoke behind b's back (no notification, as if it were lost): b
+    // must converge by itself.
+    let client = redis::Client::open(server.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let () = redis::cmd("SET")
+        .arg("other:revoked:jti-x")
+        .arg(1)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let revoked_at = std::time::Instant::now();
+    let bound = stepgate::store::revocation::MAX_STALENESS;
+    loop {
+        if ok(b.is_revoked("jti-x").await) {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < bound + Duration::from_secs(2),
+            "revocation not seen within the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 // Protects against a Redis outage hanging requests or needing a gateway restart to recover.

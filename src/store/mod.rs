@@ -6,6 +6,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod revocation;
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -65,7 +65,7 @@
 //! or `}`, since that would move the hash tag out of `{u:U}`.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -75,6 +75,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value};
 use sha2::{Digest, Sha256};
 
+use super::revocation::{self, spawn_subscriber, RevocationCache};
 use super::{Challenge, ChallengeStore, Failure, Limits, NewChallenge, StartOutcome, StoreError};
 use crate::channel::Channel;
 
@@ -215,6 +216,11 @@ pub struct RedisStore {
     /// Only ever held to clone or replace the handle, never across an await.
     conn: Mutex<ConnSlot>,
     scripts: Scripts,
+    /// Local revocation answers, kept current by pub/sub (see
+    /// `revocation.rs`): a protected request costs no round trip.
+    revocations: Arc<RevocationCache>,
+    /// The pub/sub channel revocations are announced on.
+    channel: String,
 }
 
 /// The current connection, `None` until first use and after a failure.
@@ -313,7 +319,8 @@ impl RedisStore {
             None => redis::Client::open(url),
         }
         .map_err(|e| StoreError(format!("redis url: {e}")))?;
-        RedisStore::with_target(Target::Node(Box::new(client)), prefix)
+        let subscriber = client.clone();
+        RedisStore::with_target(Target::Node(Box::new(client)), prefix, vec![subscriber])
     }
 
     /// A store on the Redis Cluster reachable through `urls`, with every key
@@ -327,13 +334,28 @@ impl RedisStore {
             .response_timeout(RESPONSE_TIMEOUT)
             .build()
             .map_err(|e| StoreError(format!("redis cluster urls: {e}")))?;
-        RedisStore::with_target(Target::Cluster(Box::new(client)), prefix)
+        // A PUBLISH reaches every node of a cluster: subscribing on any one
+        // of them (tried in turn) is enough.
+        let subscribers = urls
+            .iter()
+            .filter_map(|u| redis::Client::open(u.as_str()).ok())
+            .collect();
+        RedisStore::with_target(Target::Cluster(Box::new(client)), prefix, subscribers)
     }
 
-    fn with_target(target: Target, prefix: &str) -> Result<RedisStore, StoreError> {
+    fn with_target(
+        target: Target,
+        prefix: &str,
+        subscribers: Vec<redis::Client>,
+    ) -> Result<RedisStore, StoreError> {
         check_prefix(prefix).map_err(StoreError)?;
         let script = |body: &str| Script::new(&format!("{REMAINING_LUA}{body}"));
+        let revocations = Arc::new(RevocationCache::new());
+        let channel = format!("{prefix}revocations");
+        spawn_subscriber(&revocations, subscribers, channel.clone());
         Ok(RedisStore {
+            revocations,
+            channel,
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
@@ -351,6 +373,12 @@ impl RedisStore {
                 give_back: script(GIVE_BACK_LUA),
             },
         })
+    }
+
+    /// The local revocation answers (live while the pub/sub subscription
+    /// is up).
+    pub fn revocations(&self) -> &Arc<RevocationCache> {
+        &self.revocations
     }
 
     /// The current connection, opening one (lazily: it connects on first
@@ -826,19 +854,44 @@ impl ChallengeStore for RedisStore {
                 .arg(1)
                 .arg("PX")
                 .arg(expiry(ttl))
-                .query_async(&mut conn)
+                .query_async::<()>(&mut conn)
                 .await
         })
-        .await
+        .await?;
+        self.revocations.revoked(jti, ttl);
+        // Tell the other instances now; if this is lost they still see the
+        // revocation within `MAX_STALENESS` (their cached answers expire).
+        let channel = self.channel.clone();
+        let msg = revocation::message(jti, ttl);
+        if let Err(e) = self
+            .run(|mut conn| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(msg)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "revocation stored but not announced; other instances see it within 1s");
+        }
+        Ok(())
     }
 
     async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        if let Some(known) = self.revocations.lookup(jti) {
+            return Ok(known);
+        }
+        let sent = self.revocations.begin();
         let key = self.keys.revoked(jti);
         let n: i64 =
             self.run(|mut conn| async move {
                 redis::cmd("EXISTS").arg(key).query_async(&mut conn).await
             })
             .await?;
+        if let Some(sent) = sent {
+            self.revocations.answered(jti, n > 0, sent);
+        }
         Ok(n > 0)
     }
 
