@@ -275,7 +275,11 @@ impl Authenticator {
         let now = crate::token::unix_now();
         // Only a token verified with the current key set is served from
         // the cache.
-        let set_generation = self.keys.as_ref().and_then(|k| k.current()).map(|s| s.generation);
+        let set_generation = self
+            .keys
+            .as_ref()
+            .and_then(|k| k.current())
+            .map(|s| s.generation);
         let key = set_generation.map(|g| (digest, g, self.cache.generation()));
         if let Some(key) = &key {
             if let Some(id) = self.cache.get(key, now) {
