@@ -6,8 +6,9 @@ use std::time::Duration;
 use http::{Method, Uri};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-use crate::config::{fmt_duration, Config, StoreConfig};
+use crate::config::{fmt_duration, Config};
 use crate::policy::{normalize_path, Action, DefaultPolicy};
+use crate::store::Settings as StoreSettings;
 
 /// One screen describing listeners, upstream, identity, store and rules.
 pub fn summary(c: &Config) -> String {
@@ -73,9 +74,9 @@ pub fn summary(c: &Config) -> String {
         }
     );
     let store = match &c.store {
-        StoreConfig::Memory { .. } => "memory (single instance)".to_string(),
-        StoreConfig::Redis { url, .. } => format!("redis {}", redact_url(url)),
-        StoreConfig::Cluster { urls, .. } => format!("redis cluster ({} nodes)", urls.len()),
+        StoreSettings::Memory { .. } => "memory (single instance)".to_string(),
+        StoreSettings::Redis { url, .. } => format!("redis {}", redact_url(url)),
+        StoreSettings::Cluster { urls, .. } => format!("redis cluster ({} nodes)", urls.len()),
     };
     s += &format!("store     {store}\n");
     let mut channels = Vec::new();

@@ -6,6 +6,7 @@
 //! from the config or from the identity provider (`jwks.rs`).
 
 pub mod jwks;
+mod settings;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use self::jwks::{KeySet, Keys, RemoteKeys};
-use crate::config;
+pub use self::settings::{ClaimNames, JwtKeys, JwtSettings, Settings, TrustedHeader};
 use crate::telemetry::Metrics;
 
 /// The signed-in user behind a request.
@@ -131,7 +132,7 @@ impl TokenCache {
 /// Turns request headers into an [`Identity`].
 #[derive(Clone)]
 pub struct Authenticator {
-    cfg: config::Identity,
+    cfg: Settings,
     /// JWT verification keys (`None` without `identity.jwt`).
     keys: Option<Keys>,
     /// One `Validation` per accepted algorithm, built once per policy.
@@ -145,7 +146,7 @@ impl Authenticator {
     /// they come from the same place, so a reload neither refetches them
     /// nor fails closed meanwhile.
     pub fn new(
-        cfg: &config::Identity,
+        cfg: &Settings,
         metrics: &Arc<Metrics>,
         previous: Option<&Authenticator>,
     ) -> Result<Authenticator, String> {
@@ -270,7 +271,7 @@ impl Authenticator {
         Ok(None)
     }
 
-    async fn verify_jwt(&self, jwt: &config::Jwt, token: &str) -> Result<Identity, IdentityError> {
+    async fn verify_jwt(&self, jwt: &JwtSettings, token: &str) -> Result<Identity, IdentityError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = crate::token::unix_now();
         // Only a token verified with the current key set is served from
@@ -380,7 +381,7 @@ impl Authenticator {
 }
 
 /// The checks every primary token of algorithm `alg` must pass.
-fn validation(jwt: &config::Jwt, alg: Algorithm) -> Validation {
+fn validation(jwt: &JwtSettings, alg: Algorithm) -> Validation {
     let mut v = Validation::new(alg);
     v.leeway = jwt.leeway.as_secs();
     v.set_required_spec_claims(&["exp"]);
@@ -411,7 +412,7 @@ fn string_claim(claims: &Map<String, Value>, name: &str) -> Option<String> {
 /// (bearer header, identity cookie). Several *different* tokens are
 /// refused rather than one picked: the app behind might read another.
 fn bearer_or_cookie<'a>(
-    jwt: &'a config::Jwt,
+    jwt: &'a JwtSettings,
     headers: &'a HeaderMap,
 ) -> Result<Option<&'a str>, IdentityError> {
     let mut found: Option<&str> = None;

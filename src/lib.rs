@@ -29,6 +29,7 @@ pub mod server;
 pub mod stepup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 use std::future::Future;

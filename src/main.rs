@@ -94,8 +94,8 @@ fn main() -> ExitCode {
             serve("stepgate", |shutdown| stepgate::run(config, shutdown))
         }
         Command::Demo { listen } => {
-            let _log = stepgate::telemetry::init_logging(&stepgate::config::Log {
-                format: stepgate::config::LogFormat::Text,
+            let _log = stepgate::telemetry::init_logging(&stepgate::telemetry::LogSettings {
+                format: stepgate::telemetry::LogFormat::Text,
                 level: "warn,stepgate::console=warn".into(),
             });
             serve("stepgate demo", |shutdown| {

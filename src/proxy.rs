@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::config;
+use crate::assertion::AssertionSettings;
 
 pub use crate::http::{empty, full, Body, BoxError};
 
@@ -209,6 +209,21 @@ impl ProxyError {
     }
 }
 
+/// The `upstream` settings, built by the config loader.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Scheme and authority of the upstream; its path (if any) is a prefix.
+    pub url: Uri,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for an https upstream.
+    pub ca_file: Option<std::path::PathBuf>,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// A signed assertion for the app on every request with an identity.
+    pub assertion: Option<AssertionSettings>,
+}
+
 /// Forwards requests to the one upstream over pooled connections.
 pub struct Proxy {
     client: Client<HttpsConnector<HttpConnector>, Body>,
@@ -220,7 +235,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(cfg: &config::Upstream) -> Result<Proxy, String> {
+    pub fn new(cfg: &Settings) -> Result<Proxy, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.connect_timeout));

@@ -16,7 +16,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::config::{Log, LogFormat};
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The `log` settings, built by the config loader.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
 
 /// Log lines queued between the threads that log and the writer thread.
 /// Past this the sink is slower than traffic: further lines are dropped
@@ -46,7 +58,7 @@ pub struct LogGuard {
 /// them into few `write(2)` calls. A request never waits for stderr: when
 /// the queue is full the line is dropped and counted. Keep the returned
 /// guard until exit so queued lines are flushed.
-pub fn init_logging(log: &Log) -> LogGuard {
+pub fn init_logging(log: &LogSettings) -> LogGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))

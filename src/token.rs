@@ -14,8 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{SigningKey, Token as TokenConfig};
-use crate::delivery::Channel;
+use crate::channel::Channel;
 
 /// `typ` header of every second-factor token.
 pub const TOKEN_TYPE: &str = "stepgate-sf+jwt";
@@ -67,6 +66,53 @@ pub enum TokenError {
     Expired,
 }
 
+/// How second-factor tokens are signed.
+#[derive(Clone)]
+pub enum SigningKey {
+    Hs256(Vec<u8>),
+    /// An Ed25519 or P-256 private key (PEM) and its public half.
+    Pem {
+        algorithm: Algorithm,
+        encoding: EncodingKey,
+        decoding: DecodingKey,
+    },
+}
+
+impl SigningKey {
+    /// The key in a PKCS#8 private key PEM, Ed25519 or P-256.
+    pub fn from_pem(pem: &[u8]) -> Result<SigningKey, String> {
+        let text = String::from_utf8_lossy(pem);
+        // The PEM does not name its curve; try each kind.
+        if let Ok(encoding) = EncodingKey::from_ed_pem(pem) {
+            return Ok(SigningKey::Pem {
+                algorithm: Algorithm::EdDSA,
+                encoding,
+                decoding: ed25519_public_from_private_pem(&text)?,
+            });
+        }
+        if let Ok(encoding) = EncodingKey::from_ec_pem(pem) {
+            return Ok(SigningKey::Pem {
+                algorithm: Algorithm::ES256,
+                encoding,
+                decoding: p256_public_from_private_pem(&text)?,
+            });
+        }
+        Err("expected an Ed25519 or P-256 private key in PKCS#8 PEM".into())
+    }
+}
+
+/// The `stepup.token` settings, built by the config loader.
+#[derive(Clone)]
+pub struct Settings {
+    pub signing_key: SigningKey,
+    /// Key for the keyed hash of codes and CSRF tokens (derived from the
+    /// signing key unless given).
+    pub secret: Vec<u8>,
+    pub lifetime: Duration,
+    pub cookie: String,
+    pub header: http::HeaderName,
+}
+
 /// Issues and verifies second-factor tokens.
 #[derive(Clone)]
 pub struct Tokens {
@@ -78,7 +124,7 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    pub fn new(cfg: &TokenConfig) -> Tokens {
+    pub fn new(cfg: &Settings) -> Tokens {
         let (algorithm, encoding, decoding) = match &cfg.signing_key {
             SigningKey::Hs256(secret) => (
                 Algorithm::HS256,
@@ -227,7 +273,7 @@ mod tests {
     use super::*;
 
     fn tokens(key: &[u8]) -> Tokens {
-        Tokens::new(&TokenConfig {
+        Tokens::new(&Settings {
             signing_key: SigningKey::Hs256(key.to_vec()),
             secret: vec![7; 32],
             lifetime: Duration::from_secs(900),
@@ -346,7 +392,7 @@ mod tests {
             .unwrap_or_default();
         let decoding = ed25519_public_from_private_pem(&pem).unwrap_or_else(|e| panic!("{e}"));
         let encoding = EncodingKey::from_ed_pem(pem.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
-        let t = Tokens::new(&TokenConfig {
+        let t = Tokens::new(&Settings {
             signing_key: SigningKey::Pem {
                 algorithm: Algorithm::EdDSA,
                 encoding,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use sha2::{Digest, Sha256};
-use stepgate::delivery::Channel;
+use stepgate::channel::Channel;
 use stepgate::store::{ChallengeStore, Limits, NewChallenge, RedisStore, StartOutcome};
 
 use support::cluster::{used_memory, RedisCluster};

@@ -19,12 +19,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::Uri;
 use ipnet::IpNet;
-use jsonwebtoken::{Algorithm, DecodingKey};
 
-use crate::delivery::email::EmailSettings;
-use crate::delivery::sms::SmsSettings;
 use crate::policy::Policy;
 
 /// One problem in a config file, located.
@@ -68,12 +64,12 @@ pub struct Config {
     pub file: PathBuf,
     pub listen: Listen,
     pub admin: Admin,
-    pub upstream: Upstream,
-    pub identity: Identity,
-    pub stepup: Stepup,
-    pub store: StoreConfig,
+    pub upstream: crate::proxy::Settings,
+    pub identity: crate::identity::Settings,
+    pub stepup: crate::stepup::Settings,
+    pub store: crate::store::Settings,
     pub policy: Policy,
-    pub log: Log,
+    pub log: crate::telemetry::LogSettings,
     /// Development mode: allows the console channel.
     pub dev: bool,
     /// [`source_digest`] of the text this config was read from, so a
@@ -93,7 +89,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct Listen {
     pub address: SocketAddr,
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Largest request head (request line + headers) accepted; 431 above.
     pub max_header_bytes: usize,
     /// Longest request target accepted; 414 above.
@@ -110,176 +106,8 @@ pub struct Listen {
 }
 
 #[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-#[derive(Debug, Clone)]
 pub struct Admin {
     pub address: SocketAddr,
-}
-
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    /// Scheme and authority of the upstream; its path (if any) is a prefix.
-    pub url: Uri,
-    pub connect_timeout: Duration,
-    pub timeout: Duration,
-    /// Extra CA certificates (PEM) trusted for an https upstream.
-    pub ca_file: Option<PathBuf>,
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
-    /// A signed assertion for the app on every request with an identity.
-    pub assertion: Option<crate::assertion::AssertionSettings>,
-}
-
-/// A key that checks primary tokens.
-#[derive(Clone)]
-pub struct JwtKeys {
-    /// Keys by `kid` (JWKS); the empty string holds the key used when a
-    /// token names no `kid` or there is only one.
-    pub keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
-}
-
-#[derive(Clone)]
-pub struct Jwt {
-    pub from_header: bool,
-    pub from_cookie: bool,
-    pub cookie: String,
-    pub algorithms: Vec<Algorithm>,
-    pub keys: JwtKeys,
-    /// Keys fetched from the identity provider (`jwks_url`, or discovery
-    /// from `issuer` alone); `keys` is empty then.
-    pub remote: Option<crate::identity::jwks::JwksSettings>,
-    /// The HS secret, kept so `stepgate token` can mint trial tokens.
-    pub hs_secret: Option<Vec<u8>>,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
-    pub leeway: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct TrustedHeader {
-    pub user: http::HeaderName,
-    pub email: Option<http::HeaderName>,
-    pub from: Vec<IpNet>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ClaimNames {
-    pub subject: String,
-    pub email: String,
-    pub phone: String,
-}
-
-#[derive(Clone)]
-pub struct Identity {
-    pub jwt: Option<Jwt>,
-    pub trusted_header: Option<TrustedHeader>,
-    pub claims: ClaimNames,
-    pub login_url: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Otp {
-    pub length: u32,
-    pub ttl: Duration,
-    pub max_attempts: u32,
-    pub resend_after: Duration,
-    pub max_sends: u32,
-    pub lockout: Duration,
-    pub max_failures: u32,
-    /// Sends per client address (IPv6: per /64) per hour, all users and
-    /// channels together; 0 turns the cap off.
-    pub max_sends_per_client: u32,
-}
-
-/// Caps on sending codes that protect the operator's bill rather than one
-/// user: how many codes a channel may send per hour across all users, and
-/// which destinations SMS may go to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SendBudget {
-    /// Email codes per hour, all users together; `None`: unlimited.
-    pub email_per_hour: Option<u32>,
-    /// SMS codes per hour, all users together; `None`: unlimited.
-    pub sms_per_hour: Option<u32>,
-    /// E.164 prefixes (`+44`, `+1204`) SMS may be sent to; empty: any.
-    pub sms_countries: Vec<String>,
-}
-
-/// How second-factor tokens are signed.
-#[derive(Clone)]
-pub enum SigningKey {
-    Hs256(Vec<u8>),
-    /// An Ed25519 or P-256 private key (PEM) and its public half.
-    Pem {
-        algorithm: Algorithm,
-        encoding: jsonwebtoken::EncodingKey,
-        decoding: DecodingKey,
-    },
-}
-
-#[derive(Clone)]
-pub struct Token {
-    pub signing_key: SigningKey,
-    /// Key for the keyed hash of codes and CSRF tokens (derived from the
-    /// signing key unless given).
-    pub secret: Vec<u8>,
-    pub lifetime: Duration,
-    pub cookie: String,
-    pub header: http::HeaderName,
-}
-
-#[derive(Debug, Clone)]
-pub struct Branding {
-    pub product: String,
-    pub logo_url: Option<String>,
-    pub accent: String,
-}
-
-#[derive(Clone)]
-pub struct Stepup {
-    pub prefix: String,
-    pub otp: Otp,
-    pub token: Token,
-    pub email: Option<EmailSettings>,
-    pub sms: Option<SmsSettings>,
-    pub sms_timeout: Duration,
-    pub budget: SendBudget,
-    pub console: bool,
-    pub branding: Branding,
-    /// Largest request body kept to replay a form post after step-up.
-    pub stash_max_bytes: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    Memory {
-        max_entries: usize,
-    },
-    Redis {
-        url: String,
-        prefix: String,
-        /// PEM roots for `rediss://` instead of the system ones.
-        ca_file: Option<PathBuf>,
-    },
-    Cluster {
-        urls: Vec<String>,
-        prefix: String,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct Log {
-    pub format: LogFormat,
-    pub level: String,
 }
 
 /// The largest config file read, in bytes. A real one is a few KiB; the
@@ -587,6 +415,7 @@ use self::position::PositionIndex;
 mod tests {
     use super::*;
     use crate::policy::DefaultPolicy;
+    use crate::stepup::SendBudget;
 
     /// Load `text` as `gateway.yaml` with the two secrets `BASE` names set.
     pub(super) fn load(text: &str) -> Result<Config, ConfigError> {
@@ -631,7 +460,7 @@ dev: true
         assert_eq!(c.stepup.otp.ttl, Duration::from_secs(300));
         assert_eq!(
             c.store,
-            StoreConfig::Memory {
+            crate::store::Settings::Memory {
                 max_entries: 100_000
             }
         );

@@ -2,8 +2,6 @@
 
 use std::fmt;
 
-pub use crate::channel::Channel;
-
 pub mod email;
 pub mod sms;
 

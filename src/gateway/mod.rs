@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 
-use crate::config::{Config, StoreConfig};
+use crate::config::Config;
 use crate::http::negotiate::Client;
 use crate::http::{Body, BoxError, Rejection};
 use crate::identity::{Authenticator, Identity};
@@ -50,7 +50,7 @@ pub struct State {
 pub struct Gateway {
     state: ArcSwap<State>,
     store: Arc<dyn ChallengeStore>,
-    store_config: StoreConfig,
+    store_config: crate::store::Settings,
     pub metrics: Arc<Metrics>,
     /// Rule labels for requests no rule matched and for the gateway's own
     /// endpoints (shared, so labelling a request never allocates).
@@ -63,7 +63,7 @@ impl Gateway {
     /// config loader cannot check (e.g. an unreadable CA file).
     pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
         let metrics = Arc::new(Metrics::new());
-        let store = crate::store::from_config(&config.store)?;
+        let store = crate::store::from_settings(&config.store)?;
         let state = State::build(config, store.clone(), metrics.clone(), None)?;
         Ok(Arc::new(Gateway {
             store_config: state.config.store.clone(),
@@ -267,7 +267,13 @@ impl State {
     ) -> Result<State, String> {
         let auth = Authenticator::new(&config.identity, &metrics, previous.map(|p| &p.auth))?;
         let proxy = Proxy::new(&config.upstream)?;
-        let stepup = Stepup::new(&config, store, metrics)?;
+        let stepup = Stepup::new(
+            &config.stepup,
+            config.listen.tls.is_some(),
+            config.listen.trusted_proxies.clone(),
+            store,
+            metrics,
+        )?;
         Ok(State {
             config: Arc::new(config),
             auth,

@@ -10,11 +10,12 @@ use http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
 use super::Exchange;
-use crate::config::{Branding, Config};
+use crate::config::Config;
 use crate::http::form::query_value;
 use crate::http::negotiate::Client;
 use crate::http::response::{html, json, redirect};
 use crate::http::{Body, Rejection};
+use crate::stepup::Branding;
 use crate::telemetry::Mode;
 
 /// Render `r` for the request `ex` describes.

@@ -3,6 +3,7 @@
 
 mod api;
 mod page;
+mod settings;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue, Request, Response};
 
 use crate::channel::Channel;
-use crate::config::{self, Config};
 use crate::delivery::{ConsoleNotifier, EmailNotifier, Notifier, SmsNotifier};
 use crate::http::{cookies, read_limited, Body, Rejection};
 use crate::identity::Identity;
@@ -22,6 +22,7 @@ use crate::telemetry::{audit, AuditContext, AuditEvent, Metrics, Mode};
 use crate::token::{session_hash, unix_now, SecondFactor, Tokens};
 
 pub use self::page::safe_rd;
+pub use self::settings::{Branding, OtpSettings, SendBudget, Settings};
 
 /// The result of checking a request against a step-up rule.
 pub enum StepupCheck {
@@ -118,7 +119,7 @@ fn cross_site(headers: &HeaderMap, host: Option<&str>) -> bool {
 
 /// Step-up state shared by all requests of one policy generation.
 pub struct Stepup {
-    cfg: config::Stepup,
+    cfg: Settings,
     tokens: Tokens,
     store: Arc<dyn ChallengeStore>,
     email: Option<Arc<dyn Notifier>>,
@@ -132,12 +133,16 @@ pub struct Stepup {
 }
 
 impl Stepup {
+    /// `secure_cookies` when the listener serves TLS; `trusted_proxies`
+    /// are the peers whose `X-Forwarded-For` names the client.
     pub fn new(
-        config: &Config,
+        cfg: &Settings,
+        secure_cookies: bool,
+        trusted_proxies: Vec<ipnet::IpNet>,
         store: Arc<dyn ChallengeStore>,
         metrics: Arc<Metrics>,
     ) -> Result<Stepup, String> {
-        let cfg = config.stepup.clone();
+        let cfg = cfg.clone();
         let email: Option<Arc<dyn Notifier>> = match &cfg.email {
             Some(s) => Some(Arc::new(EmailNotifier::new(s.clone())?)),
             None => None,
@@ -169,8 +174,8 @@ impl Stepup {
             console,
             limits,
             metrics,
-            secure_cookies: config.listen.tls.is_some(),
-            trusted_proxies: config.listen.trusted_proxies.clone(),
+            secure_cookies,
+            trusted_proxies,
         })
     }
 

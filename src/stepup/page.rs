@@ -235,7 +235,7 @@ struct MethodView {
 #[derive(Template)]
 #[template(path = "challenge.html")]
 struct ChallengePage<'a> {
-    brand: &'a crate::config::Branding,
+    brand: &'a super::Branding,
     prefix: &'a str,
     csrf: String,
     nonce: String,
@@ -254,7 +254,7 @@ struct ChallengePage<'a> {
 #[derive(Template)]
 #[template(path = "continue.html")]
 struct ContinuePage<'a> {
-    brand: &'a crate::config::Branding,
+    brand: &'a super::Branding,
     nonce: String,
     action: &'a str,
     enctype: Option<&'a str>,

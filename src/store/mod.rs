@@ -9,6 +9,7 @@ pub mod redis;
 pub mod revocation;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -185,15 +186,30 @@ pub trait ChallengeStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// The `store` settings, built by the config loader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settings {
+    Memory {
+        max_entries: usize,
+    },
+    Redis {
+        url: String,
+        prefix: String,
+        /// PEM roots for `rediss://` instead of the system ones.
+        ca_file: Option<PathBuf>,
+    },
+    Cluster {
+        urls: Vec<String>,
+        prefix: String,
+    },
+}
+
 /// The store the config asks for. Redis stores connect lazily, so this
 /// succeeds while Redis is down (the gateway starts not-ready).
-pub fn from_config(
-    cfg: &crate::config::StoreConfig,
-) -> Result<std::sync::Arc<dyn ChallengeStore>, String> {
-    use crate::config::StoreConfig;
+pub fn from_settings(cfg: &Settings) -> Result<std::sync::Arc<dyn ChallengeStore>, String> {
     Ok(match cfg {
-        StoreConfig::Memory { max_entries } => std::sync::Arc::new(MemoryStore::new(*max_entries)),
-        StoreConfig::Redis {
+        Settings::Memory { max_entries } => std::sync::Arc::new(MemoryStore::new(*max_entries)),
+        Settings::Redis {
             url,
             prefix,
             ca_file,
@@ -206,7 +222,7 @@ pub fn from_config(
             };
             std::sync::Arc::new(RedisStore::with_ca(url, prefix, ca).map_err(|e| e.to_string())?)
         }
-        StoreConfig::Cluster { urls, prefix } => {
+        Settings::Cluster { urls, prefix } => {
             std::sync::Arc::new(RedisStore::cluster(urls, prefix).map_err(|e| e.to_string())?)
         }
     })

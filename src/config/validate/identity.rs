@@ -4,9 +4,10 @@
 use http::Uri;
 
 use super::{jwt, Validator};
-use crate::config::{raw, ClaimNames, Identity, TrustedHeader};
+use crate::config::raw;
+use crate::identity::{ClaimNames, Settings, TrustedHeader};
 
-pub(super) fn validate(v: &mut Validator<'_>, id: raw::Identity) -> Option<Identity> {
+pub(super) fn validate(v: &mut Validator<'_>, id: raw::Identity) -> Option<Settings> {
     let jwt = match id.jwt {
         Some(j) => Some(jwt::validate(v, j)?),
         None => None,
@@ -68,7 +69,7 @@ pub(super) fn validate(v: &mut Validator<'_>, id: raw::Identity) -> Option<Ident
             None
         }
     });
-    Some(Identity {
+    Some(Settings {
         jwt,
         trusted_header,
         claims,

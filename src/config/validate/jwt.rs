@@ -3,14 +3,14 @@
 //! refusing combinations that allow algorithm confusion.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::Validator;
-use crate::config::{raw, Jwt, JwtKeys};
+use crate::config::raw;
 use crate::identity::jwks::JwksSettings;
+use crate::identity::{JwtKeys, JwtSettings};
 
 /// The raw `identity.jwt` keys about keys fetched from the provider.
 struct RemoteKeys {
@@ -22,7 +22,7 @@ struct RemoteKeys {
     max_refresh: Option<raw::Str>,
 }
 
-pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<Jwt> {
+pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<JwtSettings> {
     let mut from_header = false;
     let mut from_cookie = false;
     let from = j
@@ -136,7 +136,10 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<Jwt> {
             match std::fs::read(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|pem| {
-                    decoding_key_from_pem(&pem, asym.first().copied().unwrap_or(Algorithm::RS256))
+                    JwtKeys::decoding_key_from_pem(
+                        &pem,
+                        asym.first().copied().unwrap_or(Algorithm::RS256),
+                    )
                 }) {
                 Ok(k) => {
                     keys.insert(String::new(), (k, None));
@@ -156,7 +159,7 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<Jwt> {
             );
         }
         if let Some(path) = v.existing_file("identity.jwt.jwks_file", &f.0) {
-            match load_jwks(&path) {
+            match JwtKeys::load_jwks(&path) {
                 Ok(k) => keys.extend(k),
                 Err(e) => v.problem(
                     "identity.jwt.jwks_file",
@@ -166,7 +169,7 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<Jwt> {
         }
     }
     let leeway = v.duration("identity.jwt.leeway", j.leeway, Duration::from_secs(30));
-    Some(Jwt {
+    Some(JwtSettings {
         from_header,
         from_cookie,
         cookie: j
@@ -262,39 +265,6 @@ fn remote(v: &mut Validator<'_>, j: RemoteKeys, hs: bool) -> Option<JwksSettings
         min_refresh,
         max_refresh,
     })
-}
-
-fn decoding_key_from_pem(pem: &[u8], alg: Algorithm) -> Result<DecodingKey, String> {
-    use Algorithm::*;
-    let r = match alg {
-        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => DecodingKey::from_rsa_pem(pem),
-        ES256 | ES384 => DecodingKey::from_ec_pem(pem),
-        EdDSA => DecodingKey::from_ed_pem(pem),
-        HS256 | HS384 | HS512 => return Err("HS algorithms take a secret, not a PEM key".into()),
-    };
-    r.map_err(|e| e.to_string())
-}
-
-fn load_jwks(path: &Path) -> Result<HashMap<String, (DecodingKey, Option<Algorithm>)>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    let mut keys = HashMap::new();
-    for (i, jwk) in set.keys.iter().enumerate() {
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {i}: {e}"))?;
-        let alg = jwk
-            .common
-            .key_algorithm
-            .and_then(|a| a.to_string().parse::<Algorithm>().ok());
-        let kid = jwk.common.key_id.clone().unwrap_or_default();
-        if set.keys.len() == 1 {
-            keys.insert(String::new(), (key.clone(), alg));
-        }
-        keys.insert(kid, (key, alg));
-    }
-    if keys.is_empty() {
-        return Err("the key set is empty".into());
-    }
-    Ok(keys)
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use super::Validator;
-use crate::config::{raw, Listen, TlsFiles, DEFAULT_MAX_CONNECTIONS};
+use crate::config::{raw, Listen, DEFAULT_MAX_CONNECTIONS};
+use crate::tls::{tls_certs, tls_key, tls_server_config, TlsFiles};
 
 pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> {
     let address = v.addr("listen.address", l.address, "0.0.0.0:8080");
@@ -79,12 +80,12 @@ pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> 
 /// Load the certificate and key as the server will, so that a file
 /// `run` would refuse is a located error here.
 fn tls_files(v: &mut Validator<'_>, files: &TlsFiles) {
-    let certs = crate::server::tls_certs(&files.cert)
+    let certs = tls_certs(&files.cert)
         .map_err(|e| v.problem("listen.tls.cert", format!("cannot load {e}")));
-    let key = crate::server::tls_key(&files.key)
-        .map_err(|e| v.problem("listen.tls.key", format!("cannot load {e}")));
+    let key =
+        tls_key(&files.key).map_err(|e| v.problem("listen.tls.key", format!("cannot load {e}")));
     if let (Ok(certs), Ok(key)) = (certs, key) {
-        if let Err(e) = crate::server::tls_server_config(certs, key) {
+        if let Err(e) = tls_server_config(certs, key) {
             v.problem(
                 "listen.tls.key",
                 format!(

@@ -1,9 +1,10 @@
 //! `log`: format and level.
 
 use super::Validator;
-use crate::config::{raw, Log, LogFormat};
+use crate::config::raw;
+use crate::telemetry::{LogFormat, LogSettings};
 
-pub(super) fn validate(v: &mut Validator<'_>, l: raw::Log) -> Log {
+pub(super) fn validate(v: &mut Validator<'_>, l: raw::Log) -> LogSettings {
     let format = match l.format.as_ref().map(|f| f.0.as_str()) {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
@@ -19,13 +20,13 @@ pub(super) fn validate(v: &mut Validator<'_>, l: raw::Log) -> Log {
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
         v.problem("log.level", format!("invalid level {level:?}"));
     }
-    Log { format, level }
+    LogSettings { format, level }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{load, problems, BASE};
-    use crate::config::LogFormat;
+    use crate::telemetry::LogFormat;
 
     #[test]
     // Log format and level: defaults, and both bad values reported.

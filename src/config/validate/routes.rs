@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use super::Validator;
 use crate::channel::Channel;
-use crate::config::{fmt_duration, raw, Stepup};
+use crate::config::{fmt_duration, raw};
 use crate::policy::{Action, DefaultPolicy, Glob, HostPattern, PathMatcher, Rule, StepUp};
+use crate::stepup::Settings as Stepup;
 
 /// `default`: what requests no rule matches need.
 pub(super) fn default_policy(v: &mut Validator<'_>, default: Option<raw::Str>) -> DefaultPolicy {

@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use super::{email, sms, token, Validator};
-use crate::config::{raw, Branding, Otp, SendBudget, Stepup};
+use crate::config::raw;
+use crate::stepup::{Branding, OtpSettings, SendBudget, Settings};
 
 /// NIST SP 800-63B's longest life for a code sent out of band.
 const NIST_MAX_OTP_TTL: Duration = Duration::from_secs(600);
 
-pub(super) fn validate(v: &mut Validator<'_>, mut s: raw::Stepup, dev: bool) -> Option<Stepup> {
+pub(super) fn validate(v: &mut Validator<'_>, mut s: raw::Stepup, dev: bool) -> Option<Settings> {
     let prefix = s.prefix.map(|p| p.0).unwrap_or_else(|| "/.stepgate".into());
     let prefix_ok = prefix.starts_with('/')
         && prefix.len() > 1
@@ -33,7 +34,7 @@ pub(super) fn validate(v: &mut Validator<'_>, mut s: raw::Stepup, dev: bool) -> 
     if ttl.is_zero() {
         v.problem("stepup.otp.ttl", "must be more than 0");
     }
-    let otp = Otp {
+    let otp = OtpSettings {
         length,
         ttl,
         max_attempts: v.count("stepup.otp.max_attempts", o.max_attempts, 5, 1, 100),
@@ -102,7 +103,7 @@ pub(super) fn validate(v: &mut Validator<'_>, mut s: raw::Stepup, dev: bool) -> 
         accent,
     };
     let stash_max_bytes = s.stash_max_bytes.unwrap_or(64 * 1024) as usize;
-    Some(Stepup {
+    Some(Settings {
         prefix,
         otp,
         token: token?,

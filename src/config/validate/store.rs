@@ -1,9 +1,10 @@
 //! `store`: in memory, one Redis, or a Redis cluster.
 
 use super::Validator;
-use crate::config::{raw, StoreConfig};
+use crate::config::raw;
+use crate::store::Settings;
 
-pub(super) fn validate(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConfig> {
+pub(super) fn validate(v: &mut Validator<'_>, s: raw::Store) -> Option<Settings> {
     let before = v.problems.len();
     let store = settings(v, s)?;
     if v.problems.len() > before {
@@ -12,8 +13,8 @@ pub(super) fn validate(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConf
     // Build the client as `run` will (it connects lazily, so Redis need
     // not be up): what it refuses is refused here, at its key.
     match &store {
-        StoreConfig::Memory { .. } => {}
-        StoreConfig::Redis {
+        Settings::Memory { .. } => {}
+        Settings::Redis {
             url,
             prefix,
             ca_file,
@@ -50,7 +51,7 @@ pub(super) fn validate(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConf
                 return None;
             }
         }
-        StoreConfig::Cluster { urls, prefix } => {
+        Settings::Cluster { urls, prefix } => {
             if let Err(e) = crate::store::RedisStore::cluster(urls, prefix) {
                 v.problem("store.redis_cluster", e.to_string());
                 return None;
@@ -60,7 +61,7 @@ pub(super) fn validate(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConf
     Some(store)
 }
 
-fn settings(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConfig> {
+fn settings(v: &mut Validator<'_>, s: raw::Store) -> Option<Settings> {
     let prefix = s.prefix.map(|p| p.0).unwrap_or_else(|| "stepgate:".into());
     let redis_used = s.redis.is_some() || s.redis_cluster.is_some();
     if redis_used {
@@ -97,7 +98,7 @@ fn settings(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConfig> {
             if ca_file.is_some() && !url.0.starts_with("rediss://") {
                 v.problem("store.ca_file", "only applies to rediss:// (TLS) URLs");
             }
-            Some(StoreConfig::Redis {
+            Some(Settings::Redis {
                 url: url.0,
                 prefix,
                 ca_file,
@@ -121,7 +122,7 @@ fn settings(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConfig> {
                     "applies to store.redis only, not to redis_cluster",
                 );
             }
-            Some(StoreConfig::Cluster {
+            Some(Settings::Cluster {
                 urls: urls.into_iter().map(|u| u.0).collect(),
                 prefix,
             })
@@ -130,7 +131,7 @@ fn settings(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConfig> {
             if s.ca_file.is_some() {
                 v.problem("store.ca_file", "applies to store.redis only");
             }
-            Some(StoreConfig::Memory {
+            Some(Settings::Memory {
                 max_entries: s.max_entries.unwrap_or(100_000) as usize,
             })
         }
@@ -140,7 +141,7 @@ fn settings(v: &mut Validator<'_>, s: raw::Store) -> Option<StoreConfig> {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{load, problems, BASE};
-    use crate::config::StoreConfig;
+    use crate::store::Settings;
 
     #[test]
     // One store only, each URL checked where it is written.
@@ -149,7 +150,7 @@ mod tests {
             "{BASE}store:\n  redis: redis://127.0.0.1:6379/0\n"
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(c.store, StoreConfig::Redis { ref prefix, .. } if prefix == "stepgate:"));
+        assert!(matches!(c.store, Settings::Redis { ref prefix, .. } if prefix == "stepgate:"));
         let e = problems(&format!(
             "{BASE}store:\n  redis: redis://127.0.0.1:6379/0\n  redis_cluster: [redis://127.0.0.1:7000]\n"
         ));

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use jsonwebtoken::Algorithm;
-
 use super::Validator;
-use crate::config::{raw, SigningKey, Token};
+use crate::config::raw;
+use crate::token::{Settings, SigningKey};
 
-pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Token> {
+pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Settings> {
     let lifetime = v.duration(
         "stepup.token.lifetime",
         t.lifetime,
@@ -58,7 +57,7 @@ pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Token> {
             let path = v.path(&f.0);
             match std::fs::read(&path) {
                 Ok(bytes) if bytes.starts_with(b"-----BEGIN") => {
-                    match signing_key_from_pem(&bytes) {
+                    match SigningKey::from_pem(&bytes) {
                         Ok(k) => Some((k, bytes)),
                         Err(e) => {
                             v.problem(
@@ -110,7 +109,7 @@ pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Token> {
         Some(h) => h.into_bytes(),
         None => crate::otp::derive_key(&material, b"stepgate code hash v1"),
     };
-    Some(Token {
+    Some(Settings {
         signing_key,
         secret,
         lifetime,
@@ -119,32 +118,10 @@ pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Token> {
     })
 }
 
-fn signing_key_from_pem(pem: &[u8]) -> Result<SigningKey, String> {
-    let text = String::from_utf8_lossy(pem);
-    // A private key PEM; we find the algorithm by trying each kind.
-    if let Ok(encoding) = jsonwebtoken::EncodingKey::from_ed_pem(pem) {
-        let decoding = crate::token::ed25519_public_from_private_pem(&text)?;
-        return Ok(SigningKey::Pem {
-            algorithm: Algorithm::EdDSA,
-            encoding,
-            decoding,
-        });
-    }
-    if let Ok(encoding) = jsonwebtoken::EncodingKey::from_ec_pem(pem) {
-        let decoding = crate::token::p256_public_from_private_pem(&text)?;
-        return Ok(SigningKey::Pem {
-            algorithm: Algorithm::ES256,
-            encoding,
-            decoding,
-        });
-    }
-    Err("expected an Ed25519 or P-256 private key in PKCS#8 PEM".into())
-}
-
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{load, problems, BASE};
-    use crate::config::SigningKey;
+    use crate::token::SigningKey;
 
     #[test]
     // The token's names, lifetime and keys: each bad one at its key, all

@@ -7,9 +7,10 @@ use http::Uri;
 
 use super::Validator;
 use crate::assertion::AssertionSettings;
-use crate::config::{raw, Upstream};
+use crate::config::raw;
+use crate::proxy::Settings;
 
-pub(super) fn validate(v: &mut Validator<'_>, u: raw::Upstream) -> Option<Upstream> {
+pub(super) fn validate(v: &mut Validator<'_>, u: raw::Upstream) -> Option<Settings> {
     let url = match u.url {
         None => {
             v.problem("upstream.url", "is required (e.g. http://127.0.0.1:3000)");
@@ -61,7 +62,7 @@ pub(super) fn validate(v: &mut Validator<'_>, u: raw::Upstream) -> Option<Upstre
     );
     let pool_max_idle_per_host = u.pool_max_idle_per_host.unwrap_or(256) as usize;
     let assertion = u.assertion.and_then(|a| assertion(v, a));
-    Some(Upstream {
+    Some(Settings {
         url: url?,
         connect_timeout,
         timeout,
