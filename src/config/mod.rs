@@ -164,22 +164,33 @@ impl Config {
         if let Some(p) = too_large(text.as_bytes()).or_else(|| too_deep(text)) {
             return Err(fail(vec![p]));
         }
-        let (parsed, missing) =
-            env::with_env(env.clone(), || serde_yaml::from_str::<raw::File>(text));
-        let mut env_problems = missing_env_problems(text, &missing);
-        let raw = match parsed {
+        let mut raw = match serde_yaml::from_str::<raw::File>(text) {
             Ok(raw) => raw,
             Err(e) => {
+                // Nothing was substituted: unset variables are found in
+                // the text, so they are reported beside the parse error.
+                let mut problems = missing_env_problems(text, &env::unset_in_text(text, env));
                 let mut p = problem_from_serde(&e);
                 if let Some((line, col)) = PositionIndex::build(text).duplicate(&p.message) {
                     (p.line, p.col) = (line, col);
                 }
-                env_problems.push(p);
-                env_problems.sort_by_key(|p| (p.line, p.col));
-                return Err(fail(env_problems));
+                problems.push(p);
+                problems.sort_by_key(|p| (p.line, p.col));
+                return Err(fail(problems));
             }
         };
         let index = PositionIndex::build(text);
+        let unresolved = env::substitute_all(&mut raw, env);
+        let mut env_problems = missing_env_problems(text, &unresolved.missing);
+        for (key, message) in unresolved.malformed {
+            let (line, col) = index.locate(&key);
+            env_problems.push(Problem {
+                line,
+                col,
+                key,
+                message,
+            });
+        }
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut v = validate::Validator::new(&index, base);
         let config = validate::config(&mut v, file, raw);
@@ -497,6 +508,36 @@ dev: true
             e.contains("gateway.yaml:9:18: environment variable NOPE_KEY is not set"),
             "{e}"
         );
+    }
+
+    #[test]
+    // A malformed `${` is a problem at its key beside the others, not a
+    // parse failure that hides them; unset variables are still reported
+    // when the file does not parse at all.
+    fn malformed_and_unset_variables_beside_other_problems() {
+        let text = BASE.replace(
+            "  url: http://127.0.0.1:3000\n",
+            "  url: ftp://x\n  timeout: ${OOPS\n",
+        );
+        let e = problems(&text);
+        assert!(
+            e.contains("gateway.yaml:2:8: upstream.url: invalid URL"),
+            "{e}"
+        );
+        assert!(
+            e.contains("gateway.yaml:3:12: upstream.timeout: unclosed ${ in \"${OOPS\""),
+            "{e}"
+        );
+        assert!(!e.contains("invalid duration"), "{e}");
+        let e = problems(&format!(
+            "{}typo: 1\n",
+            BASE.replace("${STEPGATE_KEY}", "${NOPE_KEY}")
+        ));
+        assert!(
+            e.contains("gateway.yaml:9:18: environment variable NOPE_KEY is not set"),
+            "{e}"
+        );
+        assert!(e.contains("gateway.yaml:12:1: unknown field `typo`"), "{e}");
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The serde schema of the config file, as written: every struct refuses
 //! unknown keys, every value is optional here (defaults and requirements
-//! are the validator's), and every string substitutes `${NAME}`.
+//! are the validator's), and every string is a [`Str`] that `env.rs`
+//! substitutes `${NAME}` in after parsing.
 
 use serde::Deserialize;
 
 pub use super::env::Str;
+use super::env::{join, Strings};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -255,4 +257,45 @@ pub struct RouteIdp {
 pub struct Log {
     pub format: Option<Str>,
     pub level: Option<Str>,
+}
+
+/// Implements [`Strings`] for each struct: every field, by name. The
+/// pattern lists the fields without `..`, so a new field that is not added
+/// here does not compile (and could not escape substitution).
+macro_rules! strings {
+    ($($ty:ident { $($field:ident),* $(,)? })*) => {$(
+        impl Strings for $ty {
+            fn each_string(&mut self, path: &str, f: &mut dyn FnMut(&str, &mut Str)) {
+                let $ty { $($field),* } = self;
+                $($field.each_string(&join(path, stringify!($field)), f);)*
+            }
+        }
+    )*};
+}
+
+strings! {
+    File { listen, admin, upstream, identity, stepup, store, routes, default, log, dev }
+    Listen { address, tls, max_header_bytes, max_uri_bytes, header_read_timeout, drain_timeout, trusted_proxies, max_connections }
+    Tls { cert, key }
+    Admin { address }
+    Upstream { url, connect_timeout, timeout, ca_file, pool_idle_timeout, pool_max_idle_per_host, assertion }
+    Assertion { signing_key_file, header, audience, lifetime }
+    Identity { jwt, trusted_header, claims, login_url }
+    Jwt { from, cookie, algorithms, secret, secret_file, public_key, jwks_file, jwks_url, ca_file, jwks_min_refresh, jwks_max_refresh, issuer, audience, leeway }
+    TrustedHeader { user, email, from }
+    Claims { subject, email, phone }
+    Stepup { prefix, otp, token, email, sms, console, branding, stash_max_bytes }
+    Otp { length, ttl, allow_long_ttl, max_attempts, resend_after, max_sends, max_sends_per_client, lockout, max_failures }
+    Token { signing_key, signing_key_file, hash_key, hash_key_file, lifetime, cookie, header }
+    Email { smtp, from, subject, timeout, hourly_budget }
+    Smtp { host, port, security, username, password, password_file, ca_file }
+    Sms { webhook, twilio, timeout, hourly_budget, allowed_countries }
+    Webhook { url, auth_header, auth_header_file }
+    Twilio { account_sid, auth_token, auth_token_file, from, base_url }
+    Branding { product, logo_url, accent }
+    Store { redis, redis_cluster, prefix, max_entries, ca_file }
+    Route { name, path, path_regex, methods, hosts, stepup, public, deny, case_insensitive }
+    RouteStepup { max_age, factors, one_time, idp }
+    RouteIdp { amr, acr }
+    Log { format, level }
 }
