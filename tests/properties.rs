@@ -342,3 +342,13 @@ fn regressions() {
     .expect("refused");
     assert!(e.problems.iter().all(|p| p.line >= 1 && p.col >= 1), "{e}");
 }
+
+#[test]
+// The one policy the fuzz targets share (fuzz/policy.yaml) stays a valid
+// config: a fuzz run that panics on its own setup finds nothing.
+fn fuzz_policy_is_valid() {
+    let text = include_str!("../fuzz/policy.yaml");
+    let cfg = Config::from_yaml(Path::new("fuzz/policy.yaml"), text, &Default::default())
+        .unwrap_or_else(|e| panic!("fuzz/policy.yaml:\n{e}"));
+    assert!(cfg.identity.jwt.is_some());
+}

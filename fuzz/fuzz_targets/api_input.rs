@@ -9,6 +9,9 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use stepgate::config::Config;
 
+/// The shared fuzz policy (upstream where nothing listens).
+const POLICY: &str = include_str!("../policy.yaml");
+
 const PATHS: &[&str] = &[
     "/.stepgate/api/otp",
     "/.stepgate/api/otp/verify",
@@ -30,23 +33,7 @@ fn gateway() -> SocketAddr {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async move {
-                // Upstream on a port where nothing listens: a forwarded
-                // request would show up as a 502, which the oracle refuses.
-                let yaml = r#"
-listen: { address: 127.0.0.1:0 }
-admin: { address: 127.0.0.1:0 }
-upstream: { url: http://127.0.0.1:9, connect_timeout: 1s }
-identity:
-  jwt: { algorithms: [HS256], secret: fuzz-secret-that-is-at-least-32-bytes-long }
-stepup:
-  console: true
-  token: { signing_key: fuzz-stepup-key-that-is-at-least-32-bytes }
-routes:
-  - { name: admin, path: /admin/**, stepup: { max_age: 5m } }
-default: identity
-dev: true
-"#;
-                let cfg = Config::from_yaml(std::path::Path::new("/tmp/fuzz.yaml"), yaml, &Default::default())
+                let cfg = Config::from_yaml(std::path::Path::new("fuzz/policy.yaml"), POLICY, &Default::default())
                     .unwrap_or_else(|e| panic!("fuzz config: {e}"));
                 let running = stepgate::start(cfg).await.expect("gateway starts");
                 tx.send(running.addr).expect("send addr");

@@ -8,28 +8,30 @@ use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use stepgate::config::Config;
 use stepgate::identity::Authenticator;
+use stepgate::telemetry::Metrics;
 
-const YAML: &str = r#"
-listen: { address: 127.0.0.1:0 }
-admin: { address: 127.0.0.1:0 }
-upstream: { url: http://127.0.0.1:9 }
-identity:
-  jwt: { algorithms: [HS256], secret: fuzz-secret-that-is-at-least-32-bytes-long, cookie: access_token }
-stepup:
-  console: true
-  token: { signing_key: fuzz-stepup-key-that-is-at-least-32-bytes }
-routes:
-  - { name: admin, path: /admin/**, stepup: { max_age: 5m } }
-default: identity
-dev: true
-"#;
+/// The shared fuzz policy (HS256 primary tokens, cookie `access_token`).
+const POLICY: &str = include_str!("../policy.yaml");
 
 fn auth() -> &'static Authenticator {
     static AUTH: OnceLock<Authenticator> = OnceLock::new();
     AUTH.get_or_init(|| {
-        let cfg = Config::from_yaml(std::path::Path::new("/tmp/fuzz.yaml"), YAML, &Default::default())
+        let cfg = Config::from_yaml(std::path::Path::new("fuzz/policy.yaml"), POLICY, &Default::default())
             .unwrap_or_else(|e| panic!("fuzz config: {e}"));
-        Authenticator::new(&cfg.identity)
+        let metrics = std::sync::Arc::new(Metrics::new());
+        Authenticator::new(&cfg.identity, &metrics, None).unwrap_or_else(|e| panic!("authenticator: {e}"))
+    })
+}
+
+/// Verification is async (keys may come from a URL); a static secret never
+/// waits, so a current-thread runtime per thread is enough.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
     })
 }
 
@@ -42,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(v) = HeaderValue::from_bytes(b) {
         headers.append(http::header::COOKIE, v);
     }
-    let got = auth().authenticate(&headers, "127.0.0.1".parse().expect("ip"));
+    let peer = "127.0.0.1".parse().expect("ip");
+    let got = runtime().block_on(auth().authenticate(&headers, peer));
     assert!(!matches!(got, Ok(Some(_))), "forged credential accepted");
 });

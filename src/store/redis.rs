@@ -90,10 +90,18 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// keeps absurd values from overflowing Redis's expiry arithmetic.
 const MAX_MILLIS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
-/// Returns the remaining life of a key in ms (0 when absent, at least 1 when
-/// present). A key without expiry (which this store never writes) gets
-/// `fallback` ms, so a stray key cannot lock a user out forever.
-const REMAINING_LUA: &str = r#"
+/// Functions every script starts with.
+///
+/// `remaining(key, fallback)`: the remaining life of a key in ms (0 when
+/// absent, at least 1 when present). A key without expiry (which this
+/// store never writes) gets `fallback` ms, so a stray key cannot lock a
+/// user out forever.
+///
+/// `take(key, cap, window)`: counts one send on the window count `key`
+/// unless it is at `cap`, starting the window on the first. Returns 0 when
+/// counted, else the ms until the window ends (the whole window for a
+/// count that is at the cap but has no life left).
+const PRELUDE_LUA: &str = r#"
 local function remaining(key, fallback)
   local t = redis.call('PTTL', key)
   if t == -2 then return 0 end
@@ -103,6 +111,18 @@ local function remaining(key, fallback)
   end
   if t == 0 then return 1 end
   return t
+end
+local function take(key, cap, window)
+  local n = tonumber(redis.call('GET', key) or 0)
+  if n >= cap then
+    local wait = remaining(key, window)
+    if wait == 0 then wait = window end
+    return wait
+  end
+  if redis.call('INCR', key) == 1 or redis.call('PTTL', key) < 0 then
+    redis.call('PEXPIRE', key, window)
+  end
+  return 0
 end
 "#;
 
@@ -116,13 +136,8 @@ if locked > 0 then return {1, locked} end
 local resend = tonumber(ARGV[8])
 local cool = remaining(KEYS[2], math.max(resend, 1))
 if cool > 0 then return {2, cool} end
-local window = tonumber(ARGV[10])
-local sent = tonumber(redis.call('GET', KEYS[3]) or 0)
-if sent >= tonumber(ARGV[9]) then
-  local wait = remaining(KEYS[3], window)
-  if wait == 0 then wait = window end
-  return {3, wait}
-end
+local wait = take(KEYS[3], tonumber(ARGV[9]), tonumber(ARGV[10]))
+if wait > 0 then return {3, wait} end
 redis.call('DEL', KEYS[4])
 redis.call('HSET', KEYS[4], 'id', ARGV[1], 'subject', ARGV[2], 'session', ARGV[3],
   'channel', ARGV[4], 'code', ARGV[5], 'attempts', ARGV[6])
@@ -130,26 +145,15 @@ redis.call('PEXPIRE', KEYS[4], ARGV[7])
 if resend > 0 then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', resend)
 end
-if redis.call('INCR', KEYS[3]) == 1 or redis.call('PTTL', KEYS[3]) < 0 then
-  redis.call('PEXPIRE', KEYS[3], window)
-end
 return {0, 0}
 "#;
 
 /// KEYS: a window count. ARGV: cap, window_ms.
-/// Counts one send unless the count is at `cap`, starting the window on the
-/// first. Returns {0, 0} counted, {1, ms} refused with the window's rest.
+/// Counts one send unless the count is at `cap` (see `take`). Returns
+/// {0, 0} counted, {1, ms} refused with the window's rest.
 const TAKE_LUA: &str = r#"
-local window = tonumber(ARGV[2])
-local n = tonumber(redis.call('GET', KEYS[1]) or 0)
-if n >= tonumber(ARGV[1]) then
-  local wait = remaining(KEYS[1], window)
-  if wait == 0 then wait = window end
-  return {1, wait}
-end
-if redis.call('INCR', KEYS[1]) == 1 or redis.call('PTTL', KEYS[1]) < 0 then
-  redis.call('PEXPIRE', KEYS[1], window)
-end
+local wait = take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if wait > 0 then return {1, wait} end
 return {0, 0}
 "#;
 
@@ -349,7 +353,7 @@ impl RedisStore {
         subscribers: Vec<redis::Client>,
     ) -> Result<RedisStore, StoreError> {
         check_prefix(prefix).map_err(StoreError)?;
-        let script = |body: &str| Script::new(&format!("{REMAINING_LUA}{body}"));
+        let script = |body: &str| Script::new(&format!("{PRELUDE_LUA}{body}"));
         let revocations = Arc::new(RevocationCache::new());
         let channel = format!("{prefix}revocations");
         spawn_subscriber(&revocations, subscribers, channel.clone());
