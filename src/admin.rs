@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`. Never served on
-//! the public address.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and `/jwks.json`
+//! (the signed assertion's keys). Never served on the public address.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,12 +53,8 @@ async fn handle(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
                 format!("{why}\n"),
             ),
         },
-        "/jwks.json" => match gw.config().upstream.assertion.as_ref() {
-            Some(a) => (
-                StatusCode::OK,
-                "application/jwk-set+json",
-                a.jwks().to_string(),
-            ),
+        "/jwks.json" => match gw.assertion_jwks() {
+            Some(set) => (StatusCode::OK, "application/jwk-set+json", set.to_string()),
             None => (
                 StatusCode::NOT_FOUND,
                 "text/plain",

@@ -4,9 +4,12 @@
 //!
 //! Signed with the operator's Ed25519 (`EdDSA`) or P-256 (`ES256`) key;
 //! the public key is served as a JWKS at `/jwks.json` on the admin
-//! listener, with the RFC 7638 thumbprint as `kid`.
+//! listener, with the RFC 7638 thumbprint as `kid`. After a reload with a
+//! new key the previous one stays in that set until every assertion it
+//! signed has expired ([`PublishedKeys`]), so an app that fetches the set
+//! in between still verifies the assertions in flight.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -106,11 +109,6 @@ impl AssertionSettings {
         })
     }
 
-    /// The public key set served at `/jwks.json`.
-    pub fn jwks(&self) -> Value {
-        json!({ "keys": [self.jwk] })
-    }
-
     /// Sign an assertion for one forwarded request.
     pub fn sign(
         &self,
@@ -145,6 +143,83 @@ impl AssertionSettings {
     }
 }
 
+/// How long a replaced key stays published after its last assertion can
+/// have expired: room for clocks that differ and for apps' leeway.
+pub const RETIRED_KEY_MARGIN: Duration = Duration::from_secs(300);
+
+/// The keys served at `/jwks.json`: the current one, and keys a reload
+/// replaced, each until `lifetime` + [`RETIRED_KEY_MARGIN`] after it was
+/// replaced (no assertion it signed is valid after that). Kept across
+/// reloads, not across restarts.
+#[derive(Clone, Debug, Default)]
+pub struct PublishedKeys {
+    current: Option<PublishedKey>,
+    /// Replaced keys and when they stop being published.
+    retired: Vec<(PublishedKey, Instant)>,
+}
+
+#[derive(Clone, Debug)]
+struct PublishedKey {
+    kid: String,
+    jwk: Value,
+    lifetime: Duration,
+}
+
+impl PublishedKeys {
+    /// The keys to publish once `current` (the new policy's key, if any)
+    /// replaces what `previous` published, at `now`.
+    pub fn next(
+        previous: Option<&PublishedKeys>,
+        current: Option<&AssertionSettings>,
+        now: Instant,
+    ) -> PublishedKeys {
+        let current = current.map(|a| PublishedKey {
+            kid: a.kid.clone(),
+            jwk: a.jwk.clone(),
+            lifetime: a.lifetime,
+        });
+        let mut retired: Vec<(PublishedKey, Instant)> = Vec::new();
+        if let Some(prev) = previous {
+            retired.extend(
+                prev.retired
+                    .iter()
+                    .filter(|(_, until)| *until > now)
+                    .cloned(),
+            );
+            if let Some(old) = &prev.current {
+                if current.as_ref().map(|c| &c.kid) != Some(&old.kid) {
+                    let until = now + old.lifetime + RETIRED_KEY_MARGIN;
+                    retired.push((old.clone(), until));
+                }
+            }
+        }
+        // One entry per key, the latest end; never the current key twice.
+        retired.sort_by(|a, b| a.0.kid.cmp(&b.0.kid).then(b.1.cmp(&a.1)));
+        retired.dedup_by(|later, first| later.0.kid == first.0.kid);
+        if let Some(c) = &current {
+            retired.retain(|(k, _)| k.kid != c.kid);
+        }
+        PublishedKeys { current, retired }
+    }
+
+    /// The JWK set to serve at `now` (current key first), or `None` when
+    /// there is no key to publish.
+    pub fn jwks(&self, now: Instant) -> Option<Value> {
+        let keys: Vec<&Value> = self
+            .current
+            .iter()
+            .map(|k| &k.jwk)
+            .chain(
+                self.retired
+                    .iter()
+                    .filter(|(_, until)| *until > now)
+                    .map(|(k, _)| &k.jwk),
+            )
+            .collect();
+        (!keys.is_empty()).then(|| json!({ "keys": keys }))
+    }
+}
+
 /// The second factor checked for a request, as the assertion states it.
 pub struct Factor<'a> {
     /// `["otp", "email"]`, or what the identity provider put in `amr`.
@@ -174,4 +249,82 @@ struct Claims<'a> {
     auth_time: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rule: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh Ed25519 key as PKCS#8 PEM.
+    fn ed25519_pem(seed: u8) -> String {
+        use ed25519_dalek::pkcs8::EncodePrivateKey;
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+            .to_pkcs8_pem(Default::default())
+            .map(|p| p.to_string())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn settings(seed: u8, lifetime: u64) -> AssertionSettings {
+        AssertionSettings::from_pem(
+            &ed25519_pem(seed),
+            http::HeaderName::from_static(DEFAULT_HEADER),
+            "app".into(),
+            Duration::from_secs(lifetime),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn kids(keys: &PublishedKeys, at: Instant) -> Vec<String> {
+        keys.jwks(at)
+            .map(|set| {
+                set["keys"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| k["kid"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    // A replaced key stays published until every assertion it signed has
+    // expired (its lifetime plus the margin), then goes; a reload with the
+    // same key retires nothing; going back to a retired key publishes it
+    // once; removing upstream.assertion keeps serving the old key for as
+    // long.
+    fn replaced_keys_overlap_then_go() {
+        let t0 = Instant::now();
+        let (a, b) = (settings(1, 60), settings(2, 30));
+        let first = PublishedKeys::next(None, Some(&a), t0);
+        assert_eq!(kids(&first, t0), [a.kid.as_str()]);
+        let same = PublishedKeys::next(Some(&first), Some(&a), t0);
+        assert_eq!(
+            kids(&same, t0 + Duration::from_secs(3600)),
+            [a.kid.as_str()]
+        );
+
+        let t1 = t0 + Duration::from_secs(10);
+        let rotated = PublishedKeys::next(Some(&same), Some(&b), t1);
+        let end = t1 + Duration::from_secs(60) + RETIRED_KEY_MARGIN;
+        assert_eq!(kids(&rotated, t1), [b.kid.as_str(), a.kid.as_str()]);
+        assert_eq!(
+            kids(&rotated, end - Duration::from_secs(1)),
+            [b.kid.as_str(), a.kid.as_str()]
+        );
+        assert_eq!(kids(&rotated, end), [b.kid.as_str()]);
+
+        // Back to a: published once, b retired for its own lifetime.
+        let t2 = t1 + Duration::from_secs(5);
+        let back = PublishedKeys::next(Some(&rotated), Some(&a), t2);
+        assert_eq!(kids(&back, t2), [a.kid.as_str(), b.kid.as_str()]);
+        let b_end = t2 + Duration::from_secs(30) + RETIRED_KEY_MARGIN;
+        assert_eq!(kids(&back, b_end), [a.kid.as_str()]);
+
+        // No assertion key any more: the old one until its end, then none.
+        let off = PublishedKeys::next(Some(&first), None, t1);
+        assert_eq!(kids(&off, t1), [a.kid.as_str()]);
+        assert!(off.jwks(end).is_none());
+        assert!(PublishedKeys::next(None, None, t0).jwks(t0).is_none());
+    }
 }

@@ -4,7 +4,10 @@
 //! upstream, an allowed one arrives with the identity headers, and the
 //! browser flow (challenge page through the proxy, code from the real SMTP
 //! sink, then the protected page) works end to end. Also the endpoint's
-//! answers per contract, asked directly.
+//! answers per contract, asked directly, and the identity-provider path
+//! through nginx: real RS256 tokens from a real OpenID provider, the
+//! signed assertion copied upstream, and failing closed while the
+//! provider's keys have not arrived.
 
 mod support;
 
@@ -15,42 +18,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use support::flow::{mailed_code, stepup_yaml, user, User, OTP};
+use support::assertion::{private_key, verify_assertion};
+use support::flow::{mailed_code, user, Env, User, OTP};
 use support::gateway::*;
-use support::http_sink::HttpSink;
-use support::smtp::SmtpServer;
+use support::oidc::{gateway_yaml, signed_in, OidcProvider, AUDIENCE};
 use support::upstream::Upstream;
 
 /// The gateway (forward-auth endpoint and challenge pages), the app behind
-/// the proxy, and the mailbox codes arrive in.
-struct Stack {
-    up: Upstream,
-    smtp: SmtpServer,
-    _sms: HttpSink,
-    gw: TestGateway,
-}
-
-impl Stack {
-    async fn start(trusted: bool) -> Stack {
-        let up = Upstream::start().await;
-        let smtp = SmtpServer::start();
-        let sms = HttpSink::start(200).await;
-        let mut yaml = config_yaml(&up.url(), &stepup_yaml(smtp.port(), &sms.url(), OTP), "");
-        if trusted {
-            yaml = yaml.replacen(
-                "  drain_timeout: 5s\n",
-                "  drain_timeout: 5s\n  trusted_proxies: [127.0.0.1/32]\n",
-                1,
-            );
-        }
-        let gw = TestGateway::start(&yaml).await;
-        Stack {
-            up,
-            smtp,
-            _sms: sms,
-            gw,
-        }
-    }
+/// the proxy, and the mailbox codes arrive in; with `trusted`, loopback
+/// peers may speak for the original request.
+async fn stack(trusted: bool) -> Env {
+    Env::start_edited(false, OTP, |yaml| match trusted {
+        true => yaml.replacen(
+            "  drain_timeout: 5s\n",
+            "  drain_timeout: 5s\n  trusted_proxies: [127.0.0.1/32]\n",
+            1,
+        ),
+        false => yaml,
+    })
+    .await
 }
 
 /// A proxy process (nginx or caddy) on a free loopback port.
@@ -92,13 +78,16 @@ impl Proxy {
         );
     }
 
-    /// nginx with `auth_request`, `auth_request_set` copying the identity
-    /// headers upstream, and `error_page 401` sending browsers to the
-    /// challenge page (nginx style: stepgate itself never answers 302).
+    /// nginx with the README's `auth_request` snippet: `auth_request_set`
+    /// copying the identity headers and the signed assertion upstream, and
+    /// `error_page 401` sending browsers where stepgate's
+    /// `X-Stepgate-Redirect` says (nginx style: stepgate itself never
+    /// answers 302).
     async fn nginx(gw: SocketAddr, up: SocketAddr) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let d = dir.path().display();
+        let locations = readme_nginx(gw, up).replace('\n', "\n        ");
         let conf = format!(
             r#"worker_processes 1;
 master_process off;
@@ -115,36 +104,7 @@ http {{
     scgi_temp_path {d}/scgi;
     server {{
         listen 127.0.0.1:{port};
-        location /.stepgate/ {{
-            proxy_pass http://{gw};
-        }}
-        location = /.stepgate/auth {{
-            internal;
-            proxy_pass http://{gw};
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
-            proxy_set_header X-Original-Method $request_method;
-        }}
-        location / {{
-            auth_request /.stepgate/auth;
-            auth_request_set $sg_user $upstream_http_x_stepgate_user;
-            auth_request_set $sg_email $upstream_http_x_stepgate_email;
-            auth_request_set $sg_stepup $upstream_http_x_stepgate_stepup;
-            auth_request_set $sg_age $upstream_http_x_stepgate_stepup_age;
-            proxy_set_header X-Stepgate-User $sg_user;
-            proxy_set_header X-Stepgate-Email $sg_email;
-            proxy_set_header X-Stepgate-Stepup $sg_stepup;
-            proxy_set_header X-Stepgate-Stepup-Age $sg_age;
-            error_page 401 = @stepup;
-            proxy_pass http://{up};
-        }}
-        location @stepup {{
-            if ($http_accept ~* "text/html") {{
-                return 302 /.stepgate/challenge?rd=$request_uri;
-            }}
-            return 401;
-        }}
+        {locations}
     }}
 }}
 "#
@@ -220,8 +180,21 @@ http://:{port} {{
     }
 }
 
-fn upstream_addr(up: &Upstream) -> SocketAddr {
-    up.addr
+/// The nginx example of the README (section "Put stepgate behind your
+/// ingress or proxy"), with its stepgate (127.0.0.1:8080) and app
+/// (127.0.0.1:3000) addresses replaced: what the README shows is what is
+/// tested.
+fn readme_nginx(gw: SocketAddr, up: SocketAddr) -> String {
+    let readme = include_str!("../README.md");
+    let at = readme
+        .find("**nginx** (`auth_request`")
+        .expect("the README's nginx example");
+    let block = &readme[at..];
+    let code = &block[block.find("```nginx\n").expect("an nginx code block") + 9..];
+    let code = &code[..code.find("```").expect("the end of the code block")];
+    assert!(code.contains("127.0.0.1:8080") && code.contains("127.0.0.1:3000"));
+    code.replace("127.0.0.1:8080", &gw.to_string())
+        .replace("127.0.0.1:3000", &up.to_string())
 }
 
 /// The value of `name="..." value="..."` in an HTML form.
@@ -230,7 +203,19 @@ fn hidden(html: &str, name: &str) -> String {
         .find(&format!("name=\"{name}\" value=\""))
         .unwrap_or_else(|| panic!("no field {name} in\n{html}"));
     let rest = &html[at + name.len() + 15..];
-    rest[..rest.find('"').expect("closing quote")].to_string()
+    // As a browser reads the attribute (askama escapes & < > " ' as
+    // numeric character references).
+    let mut value = rest[..rest.find('"').expect("closing quote")].to_string();
+    for (entity, c) in [
+        ("&#60;", "<"),
+        ("&#62;", ">"),
+        ("&#34;", "\""),
+        ("&#39;", "'"),
+        ("&#38;", "&"),
+    ] {
+        value = value.replace(entity, c);
+    }
+    value
 }
 
 /// A header of the echo upstream's view of the request, empty counted as
@@ -242,7 +227,7 @@ fn seen(res: &TestResponse, name: &str) -> Option<String> {
 
 /// What every proxy must do: refused requests never reach the upstream,
 /// allowed ones carry the identity, the browser flow completes.
-async fn exercise(stack: &Stack, proxy: &Proxy, alice: &User) {
+async fn exercise(stack: &Env, proxy: &Proxy, alice: &User) {
     let hits = stack.up.hits();
     // Refused: a deny rule, no identity, identity without a second factor.
     let res = get(&proxy.url("/internal/x"), &[("authorization", &alice.auth)]).await;
@@ -295,7 +280,9 @@ async fn exercise(stack: &Stack, proxy: &Proxy, alice: &User) {
     assert_eq!(seen(&res, "x-stepgate-user"), None);
 
     // The browser flow: redirected to the challenge page through the
-    // proxy, a code by email, then the protected page.
+    // proxy, a code by email, then the protected page. The query has an
+    // `&` and an escaped `&` (`%26`): both must come back exactly.
+    let target = "/admin/panel?tab=1&q=a%26b";
     let browser = |extra: &'static [(&'static str, &'static str)]| {
         let mut h = vec![
             ("authorization", alice.auth.as_str()),
@@ -304,7 +291,7 @@ async fn exercise(stack: &Stack, proxy: &Proxy, alice: &User) {
         h.extend_from_slice(extra);
         h
     };
-    let res = get(&proxy.url("/admin/panel"), &browser(&[])).await;
+    let res = get(&proxy.url(target), &browser(&[])).await;
     assert_eq!(res.status, StatusCode::FOUND, "{}", res.text());
     // nginx makes its own redirects absolute; stepgate's are relative.
     let location = res.header("location").expect("location");
@@ -312,15 +299,15 @@ async fn exercise(stack: &Stack, proxy: &Proxy, alice: &User) {
         .strip_prefix(&proxy.url(""))
         .unwrap_or(location)
         .to_string();
-    assert!(
-        location.starts_with("/.stepgate/challenge?rd="),
-        "{location}"
+    assert_eq!(
+        location,
+        "/.stepgate/challenge?rd=/admin/panel%3Ftab%3D1%26q%3Da%2526b"
     );
     let page = get(&proxy.url(&location), &browser(&[])).await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.text());
     let html = page.text();
     let (csrf, rd) = (hidden(&html, "csrf"), hidden(&html, "rd"));
-    assert_eq!(rd, "/admin/panel");
+    assert_eq!(rd, target);
     let form = |pairs: &[(&str, &str)]| {
         form_urlencoded::Serializer::new(String::new())
             .extend_pairs(pairs)
@@ -370,12 +357,12 @@ async fn exercise(stack: &Stack, proxy: &Proxy, alice: &User) {
         "{}",
         verified.text()
     );
-    assert_eq!(verified.header("location"), Some("/admin/panel"));
+    assert_eq!(verified.header("location"), Some(target));
     let cookie = verified.header("set-cookie").expect("token cookie");
     let cookie = cookie.split(';').next().expect("name=value").to_string();
     let hits = stack.up.hits();
     let res = get(
-        &proxy.url("/admin/panel"),
+        &proxy.url(target),
         &[
             ("authorization", &alice.auth),
             ("accept", "text/html"),
@@ -385,7 +372,7 @@ async fn exercise(stack: &Stack, proxy: &Proxy, alice: &User) {
     .await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.text());
     assert_eq!(stack.up.hits(), hits + 1);
-    assert_eq!(res.json()["path"], "/admin/panel");
+    assert_eq!(res.json()["path"], target);
     assert_eq!(seen(&res, "x-stepgate-user").as_deref(), Some("alice"));
     assert_eq!(seen(&res, "x-stepgate-stepup").as_deref(), Some("email"));
     assert!(seen(&res, "x-stepgate-stepup-age").is_some());
@@ -394,23 +381,23 @@ async fn exercise(stack: &Stack, proxy: &Proxy, alice: &User) {
 #[tokio::test]
 // nginx `auth_request`: the contract's nginx style end to end.
 async fn through_real_nginx() {
-    let stack = Stack::start(true).await;
-    let proxy = Proxy::nginx(stack.gw.addr, upstream_addr(&stack.up)).await;
+    let stack = stack(true).await;
+    let proxy = Proxy::nginx(stack.gw.addr, stack.up.addr).await;
     exercise(&stack, &proxy, &user("alice", Some("nginx-1"))).await;
 }
 
 #[tokio::test]
 // Caddy `forward_auth` with `copy_headers`: the Traefik/Caddy style end to end.
 async fn through_real_caddy() {
-    let stack = Stack::start(true).await;
-    let proxy = Proxy::caddy(stack.gw.addr, upstream_addr(&stack.up)).await;
+    let stack = stack(true).await;
+    let proxy = Proxy::caddy(stack.gw.addr, stack.up.addr).await;
     exercise(&stack, &proxy, &user("alice", Some("caddy-1"))).await;
 }
 
 #[tokio::test]
 // The endpoint's answers per contract, asked directly as a proxy would.
 async fn answers_per_contract() {
-    let stack = Stack::start(true).await;
+    let stack = stack(true).await;
     let gw = &stack.gw;
     let alice = user("alice", Some("direct-1"));
     let auth = gw.url("/.stepgate/auth");
@@ -526,7 +513,7 @@ async fn answers_per_contract() {
 #[tokio::test]
 // Forward-auth headers are believed only from listen.trusted_proxies.
 async fn untrusted_peers_get_403() {
-    let stack = Stack::start(false).await;
+    let stack = stack(false).await;
     let res = get(
         &stack.gw.url("/.stepgate/auth"),
         &[
@@ -542,10 +529,9 @@ async fn untrusted_peers_get_403() {
 #[tokio::test]
 // A one_time rule's token is spent by the 200 that lets it pass.
 async fn one_time_token_is_spent_by_the_answer() {
-    let stack = Stack::start(true).await;
+    let stack = stack(true).await;
     let alice = user("alice", Some("once-1"));
-    let env_like = &stack;
-    let res = support::flow::start_otp(&env_like.gw, &alice, "email").await;
+    let res = support::flow::start_otp(&stack.gw, &alice, "email").await;
     assert_eq!(res.status, StatusCode::ACCEPTED, "{}", res.text());
     let cid = res.json()["challenge_id"]
         .as_str()
@@ -566,4 +552,196 @@ async fn one_time_token_is_spent_by_the_answer() {
     assert_eq!(first.header("x-stepgate-stepup"), Some("email"));
     let second = get(&stack.gw.url("/.stepgate/auth"), &h).await;
     assert_eq!(second.status, StatusCode::UNAUTHORIZED);
+}
+
+/// A gateway whose identities come from `idp` (by discovery), trusting
+/// loopback proxies, signing assertions for the app `payroll` with an
+/// Ed25519 key in `keys`.
+async fn idp_gateway(idp: &OidcProvider, up: &Upstream, keys: &Path) -> TestGateway {
+    let key = private_key(keys, "ed25519");
+    let yaml = gateway_yaml(up, &format!("    issuer: {}", idp.issuer()))
+        .replacen(
+            "listen: { address: 127.0.0.1:0 }",
+            "listen: { address: 127.0.0.1:0, trusted_proxies: [127.0.0.1/32] }",
+            1,
+        )
+        .replacen(
+            "timeout: 5s }",
+            &format!(
+                "timeout: 5s, assertion: {{ signing_key_file: {}, audience: payroll }} }}",
+                key.display()
+            ),
+            1,
+        );
+    TestGateway::start(&yaml).await
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test]
+// The identity-provider path through nginx auth_request: a real RS256
+// token (keys by discovery from a real OpenID provider) is accepted, the
+// provider's MFA satisfies an idp rule, and the signed assertion from the
+// auth answer reaches the app, which verifies it against /jwks.json.
+// A client's own assertion never reaches the app.
+async fn provider_tokens_and_assertion_through_real_nginx() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let gw = idp_gateway(&idp, &up, keys.path()).await;
+    wait_ready(&gw).await;
+    let proxy = Proxy::nginx(gw.addr, up.addr).await;
+    let t = stepgate::token::unix_now();
+
+    // Identity only: who, no factor.
+    let plain = bearer(
+        &idp.token(AUDIENCE, &signed_in("alice", &["pwd"], None, t))
+            .await,
+    );
+    let res = get(
+        &proxy.url("/account/me"),
+        &[
+            ("authorization", &plain),
+            ("x-stepgate-assertion", "forged"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(seen(&res, "x-stepgate-user").as_deref(), Some("alice"));
+    let assertion = seen(&res, "x-stepgate-assertion").expect("assertion upstream");
+    assert_ne!(assertion, "forged");
+    let c = verify_assertion(&gw, &assertion, "payroll").await;
+    assert_eq!(
+        (c["sub"].as_str(), c["iss"].as_str()),
+        (Some("alice"), Some("stepgate"))
+    );
+    assert!(c.get("amr").is_none(), "{c}");
+
+    // The provider's MFA on an idp rule: X-Stepgate-Stepup idp, and the
+    // assertion states the provider's amr, when, and the rule.
+    let mfa = bearer(
+        &idp.token(AUDIENCE, &signed_in("alice", &["pwd", "mfa"], None, t - 10))
+            .await,
+    );
+    let res = get(&proxy.url("/payroll/run"), &[("authorization", &mfa)]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.json()["path"], "/payroll/run");
+    assert_eq!(seen(&res, "x-stepgate-stepup").as_deref(), Some("idp"));
+    let c = verify_assertion(
+        &gw,
+        &seen(&res, "x-stepgate-assertion").expect("assertion upstream"),
+        "payroll",
+    )
+    .await;
+    assert_eq!(c["amr"], serde_json::json!(["pwd", "mfa"]));
+    assert_eq!(c["auth_time"], serde_json::json!(t - 10));
+    assert_eq!(c["rule"], "payroll");
+
+    // Refused, and never upstream: password only on the idp rule; a token
+    // for another audience; no token.
+    let hits = up.hits();
+    let res = get(
+        &proxy.url("/payroll/run"),
+        &[("authorization", &plain), ("accept", "application/json")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    let other = bearer(
+        &idp.token("https://other.test", &signed_in("alice", &["mfa"], None, t))
+            .await,
+    );
+    let res = get(&proxy.url("/payroll/run"), &[("authorization", &other)]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    let res = get(&proxy.url("/account/me"), &[]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(up.hits(), hits, "a refused request reached the upstream");
+
+    // Public: no identity, no assertion, and the client's copy is gone.
+    let res = get(
+        &proxy.url("/assets/app.css"),
+        &[("x-stepgate-assertion", "forged")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(seen(&res, "x-stepgate-assertion"), None);
+}
+
+#[tokio::test]
+// The provider is down when the gateway starts: the auth endpoint answers
+// 503 identity_unavailable for anything that needs an identity, even a
+// token the provider really signed, and nginx lets nothing protected
+// through; public routes flow. When the provider is back, the same token
+// passes without a restart.
+async fn provider_down_at_start_nginx_allows_nothing_protected() {
+    // Real tokens first, then the provider goes away (its keys are kept
+    // for its return).
+    let mut idp = OidcProvider::start();
+    let t = stepgate::token::unix_now();
+    let plain = bearer(
+        &idp.token(AUDIENCE, &signed_in("alice", &["pwd"], None, t))
+            .await,
+    );
+    let mfa = bearer(
+        &idp.token(AUDIENCE, &signed_in("alice", &["mfa"], None, t))
+            .await,
+    );
+    idp.stop();
+
+    let up = Upstream::start().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let gw = idp_gateway(&idp, &up, keys.path()).await;
+    let proxy = Proxy::nginx(gw.addr, up.addr).await;
+
+    // Asked directly, as nginx asks.
+    let auth = gw.url("/.stepgate/auth");
+    for (path, token) in [
+        ("/account/me", Some(&plain)),
+        ("/payroll/run", Some(&mfa)),
+        ("/admin/x", Some(&plain)),
+        ("/account/me", None),
+    ] {
+        let url = format!("https://app.test{path}");
+        let mut h = vec![
+            ("x-original-method", "GET"),
+            ("x-original-url", url.as_str()),
+        ];
+        if let Some(token) = token {
+            h.push(("authorization", token.as_str()));
+        }
+        let res = get(&auth, &h).await;
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert_eq!(res.json()["error"], "identity_unavailable", "{path}");
+        assert_eq!(res.header("x-stepgate-user"), None, "{path}");
+    }
+    let public = [
+        ("x-original-method", "GET"),
+        ("x-original-url", "https://app.test/assets/app.css"),
+    ];
+    assert_eq!(get(&auth, &public).await.status, StatusCode::OK);
+
+    // Through nginx: a failed auth subrequest is nginx's 500, never the app.
+    for (path, token) in [
+        ("/account/me", &plain),
+        ("/payroll/run", &mfa),
+        ("/admin/x", &plain),
+    ] {
+        let res = get(&proxy.url(path), &[("authorization", token)]).await;
+        assert!(!res.status.is_success(), "{path}: {}", res.status);
+    }
+    assert_eq!(up.hits(), 0, "a protected request reached the upstream");
+    let res = get(&proxy.url("/assets/app.css"), &[]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(up.hits(), 1);
+
+    // The provider is back: the keys arrive, the same tokens pass.
+    idp.start_again();
+    wait_ready(&gw).await;
+    let res = get(&proxy.url("/account/me"), &[("authorization", &plain)]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(seen(&res, "x-stepgate-user").as_deref(), Some("alice"));
+    let res = get(&proxy.url("/payroll/run"), &[("authorization", &mfa)]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(seen(&res, "x-stepgate-stepup").as_deref(), Some("idp"));
 }

@@ -4,57 +4,12 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
-use serde_json::{json, Value};
-use support::gateway::{get, TestGateway, TestResponse};
-use support::oidc::OidcProvider;
+use serde_json::json;
+use support::assertion::{private_key, served_jwks, verify_assertion, verify_with};
+use support::eventually;
+use support::gateway::{get, metric, wait_ready, TestGateway, TestResponse};
+use support::oidc::{gateway_yaml as yaml, signed_in, user, OidcProvider, AUDIENCE};
 use support::upstream::Upstream;
-
-/// The audience (resource indicator) of every test token.
-const AUDIENCE: &str = "https://app.test";
-/// How long a test waits for something the gateway does in the background.
-const WITHIN: Duration = Duration::from_secs(30);
-
-/// A gateway config whose `identity.jwt` has the lines in `jwt` (indented
-/// by four spaces).
-fn yaml(upstream: &Upstream, jwt: &str) -> String {
-    format!(
-        r#"listen: {{ address: 127.0.0.1:0 }}
-admin: {{ address: 127.0.0.1:0 }}
-upstream: {{ url: "http://{}", timeout: 5s }}
-identity:
-  jwt:
-{jwt}
-    audience: {AUDIENCE}
-    leeway: 0s
-stepup:
-  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}
-  console: true
-routes:
-  - name: static
-    path: /assets/**
-    public: true
-  - name: account
-    path: /account/**
-  - name: admin
-    path: /admin/**
-    stepup: {{ max_age: 5m }}
-  - name: payroll
-    path: /payroll/**
-    stepup: {{ max_age: 5m, idp: {{ amr: [mfa, hwk], acr: ["urn:example:loa:2"] }} }}
-  - name: export
-    path: /export/**
-    stepup: {{ max_age: 5m, one_time: true, idp: {{ amr: [mfa] }} }}
-dev: true
-"#,
-        upstream.addr
-    )
-}
-
-fn user(sub: &str) -> Value {
-    json!({"sub": sub, "email": format!("{sub}@example.com"), "sid": format!("sid-{sub}")})
-}
 
 async fn get_as(gw: &TestGateway, path: &str, token: &str) -> TestResponse {
     get(
@@ -62,36 +17,6 @@ async fn get_as(gw: &TestGateway, path: &str, token: &str) -> TestResponse {
         &[("authorization", &format!("Bearer {token}"))],
     )
     .await
-}
-
-/// Poll `probe` until it returns true, failing after [`WITHIN`].
-async fn eventually<F, Fut>(what: &str, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WITHIN;
-    while !probe().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn wait_ready(gw: &TestGateway) {
-    eventually("/readyz 200", || async {
-        get(&gw.admin_url("/readyz"), &[]).await.status == 200
-    })
-    .await;
-}
-
-/// The value of a metric line starting with `prefix` (0 when absent).
-async fn metric(gw: &TestGateway, prefix: &str) -> f64 {
-    let text = get(&gw.admin_url("/metrics"), &[]).await.text();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `token` with its header's `kid` replaced (signature left as is): what a
@@ -398,17 +323,6 @@ fn now() -> u64 {
     stepgate::token::unix_now()
 }
 
-/// A user whose sign-in at the provider proved `amr`/`acr` at `auth_time`.
-fn signed_in(sub: &str, amr: &[&str], acr: Option<&str>, auth_time: u64) -> Value {
-    let mut c = user(sub);
-    c["amr"] = json!(amr);
-    c["auth_time"] = json!(auth_time);
-    if let Some(acr) = acr {
-        c["acr"] = json!(acr);
-    }
-    c
-}
-
 #[tokio::test]
 // CONTRACT 5.3: a fresh MFA at the identity provider (amr or acr listed by
 // the rule, auth_time within max_age) satisfies a step-up rule without a
@@ -541,50 +455,6 @@ fn idp_rule_config_errors() {
     assert!(e.contains("extra"), "{e}");
 }
 
-/// A fresh private key from openssl: `ed25519` or `p256`.
-fn private_key(dir: &std::path::Path, kind: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("{kind}.pem"));
-    let mut cmd = std::process::Command::new("openssl");
-    cmd.arg("genpkey");
-    match kind {
-        "ed25519" => cmd.args(["-algorithm", "ed25519"]),
-        _ => cmd.args(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
-    };
-    let out = cmd.arg("-out").arg(&path).output().expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
-}
-
-/// Verify `token` with the key set the gateway serves at `/jwks.json`, as
-/// an app would: key by `kid`, algorithm from the key, `iss` and `aud`.
-async fn verify_assertion(gw: &TestGateway, token: &str, audience: &str) -> Value {
-    let res = get(&gw.admin_url("/jwks.json"), &[]).await;
-    assert_eq!(res.status, 200);
-    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&res.body).expect("a JWK set");
-    let header = jsonwebtoken::decode_header(token).expect("a JWT header");
-    let kid = header.kid.expect("kid");
-    let jwk = set.find(&kid).expect("the kid is in the served set");
-    let alg: jsonwebtoken::Algorithm = jwk
-        .common
-        .key_algorithm
-        .expect("alg")
-        .to_string()
-        .parse()
-        .expect("a signature algorithm");
-    assert_eq!(alg, header.alg);
-    let mut v = jsonwebtoken::Validation::new(alg);
-    v.set_audience(&[audience]);
-    v.set_issuer(&["stepgate"]);
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key");
-    jsonwebtoken::decode::<Value>(token, &key, &v)
-        .expect("the assertion verifies with the served key")
-        .claims
-}
-
 #[tokio::test]
 // CONTRACT 5.4: with upstream.assertion, every forwarded request with an
 // identity carries a JWT signed with the configured Ed25519 (EdDSA) or
@@ -666,13 +536,9 @@ async fn signed_assertion_verifies_with_the_served_jwks() {
         // Another app's audience does not verify.
         let res = get_as(&gw, "/account/me", &mfa).await;
         let token = res.upstream_header(header).expect("assertion");
-        let set: jsonwebtoken::jwk::JwkSet =
-            serde_json::from_slice(&get(&gw.admin_url("/jwks.json"), &[]).await.body).expect("set");
-        let mut v =
-            jsonwebtoken::Validation::new(jsonwebtoken::decode_header(&token).expect("h").alg);
-        v.set_audience(&["another-app"]);
-        let key = jsonwebtoken::DecodingKey::from_jwk(&set.keys[0]).expect("key");
-        assert!(jsonwebtoken::decode::<Value>(&token, &key, &v).is_err());
+        let set = served_jwks(&gw).await;
+        assert!(verify_with(&set, &token, "payroll").is_ok());
+        assert!(verify_with(&set, &token, "another-app").is_err());
 
         // After a code from stepgate: amr ["otp", "email"] and the rule.
         let bearer = format!("Bearer {mfa}");
@@ -847,4 +713,230 @@ async fn reload_with_new_bounds_keeps_serving_the_keys() {
         .expect("reload");
     assert_eq!(get(&gw.admin_url("/readyz"), &[]).await.status, 200);
     assert_eq!(get_as(&gw, "/account/me", &token).await.status, 200);
+}
+
+#[tokio::test]
+// A browser on a rule only the identity provider can satisfy (stepup.idp,
+// no channel configured among its factors) is sent to identity.login_url
+// to sign in again, with the rule's RFC 9470 acr_values and max_age, not
+// to a challenge page that has no code to send. Rules with a channel
+// still get the challenge page; API clients still get the 401; forward-
+// auth answers the same way (nginx style: in X-Stepgate-Redirect).
+// Without login_url the browser gets the 401 page.
+async fn browsers_on_idp_only_rules_sign_in_again_at_the_provider() {
+    let idp = OidcProvider::start();
+    let up = Upstream::start().await;
+    let text = yaml(&up, &format!("    issuer: {}", idp.issuer()))
+        .replacen(
+            "listen: { address: 127.0.0.1:0 }",
+            "listen: { address: 127.0.0.1:0, trusted_proxies: [127.0.0.1/32] }",
+            1,
+        )
+        .replacen(
+            "    leeway: 0s\n",
+            "    leeway: 0s\n  login_url: https://app.test/login?from=stepgate\n",
+            1,
+        )
+        .replacen(
+            "  console: true\n",
+            "  email:\n    smtp: { host: 127.0.0.1, port: 9, security: none }\n    from: \"Security <no-reply@example.com>\"\n",
+            1,
+        )
+        .replacen("{ max_age: 5m, idp:", "{ max_age: 5m, factors: [sms], idp:", 1)
+        .replacen(
+            "{ max_age: 5m, one_time: true, idp:",
+            "{ max_age: 5m, factors: [sms], one_time: true, idp:",
+            1,
+        );
+    assert_eq!(text.matches("factors: [sms]").count(), 2, "{text}");
+    let gw = TestGateway::start(&text).await;
+    wait_ready(&gw).await;
+    let t = now();
+    let plain = format!(
+        "Bearer {}",
+        idp.token(AUDIENCE, &signed_in("alice", &["pwd"], None, t))
+            .await
+    );
+    let browser = [("authorization", plain.as_str()), ("accept", "text/html")];
+    let login = "https://app.test/login?from=stepgate&rd=/payroll/run%3Fmonth%3D11%26x%3Da%2526b&acr_values=urn%3Aexample%3Aloa%3A2&max_age=300";
+
+    let res = get(&gw.url("/payroll/run?month=11&x=a%26b"), &browser).await;
+    assert_eq!(res.status, 302, "{}", res.text());
+    assert_eq!(res.header("location"), Some(login));
+    // Without acr values: max_age only.
+    let res = get(&gw.url("/export/all"), &browser).await;
+    assert_eq!(res.status, 302);
+    assert_eq!(
+        res.header("location"),
+        Some("https://app.test/login?from=stepgate&rd=/export/all&max_age=300")
+    );
+    // A browser form post: 303 to the same place.
+    let res = support::gateway::request(
+        http::Method::POST,
+        &gw.url("/payroll/run?month=11&x=a%26b"),
+        &[
+            ("authorization", plain.as_str()),
+            ("accept", "text/html"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        "amount=1",
+    )
+    .await;
+    assert_eq!(res.status, 303);
+    assert_eq!(res.header("location"), Some(login));
+    // A rule with a channel: the challenge page, as before.
+    let res = get(&gw.url("/admin/x"), &browser).await;
+    assert_eq!(res.status, 302);
+    assert_eq!(
+        res.header("location"),
+        Some("/.stepgate/challenge?rd=/admin/x")
+    );
+    // An API client: the RFC 9470 401, nothing forwarded.
+    let res = get_as(&gw, "/payroll/run", plain.trim_start_matches("Bearer ")).await;
+    assert_eq!(res.status, 401);
+    assert!(res
+        .header("www-authenticate")
+        .is_some_and(|w| w.contains("acr_values=\"urn:example:loa:2\"")));
+    assert_eq!(up.hits(), 0);
+    // After signing in again with MFA: through.
+    let mfa = idp
+        .token(AUDIENCE, &signed_in("alice", &["mfa"], None, now()))
+        .await;
+    let res = get(
+        &gw.url("/payroll/run"),
+        &[
+            ("authorization", &format!("Bearer {mfa}")),
+            ("accept", "text/html"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, 200, "{}", res.text());
+
+    // Forward-auth: Traefik style redirects, nginx style names the target.
+    let auth = gw.url("/.stepgate/auth");
+    let res = get(
+        &auth,
+        &[
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/payroll/run?month=11&x=a%26b"),
+            ("authorization", plain.as_str()),
+            ("accept", "text/html"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, 302);
+    assert_eq!(res.header("location"), Some(login));
+    let nginx = |accept: &'static str| {
+        [
+            ("x-original-method", "GET"),
+            (
+                "x-original-url",
+                "https://app.test/payroll/run?month=11&x=a%26b",
+            ),
+            ("authorization", plain.as_str()),
+            ("accept", accept),
+        ]
+    };
+    let res = get(&auth, &nginx("text/html")).await;
+    assert_eq!(res.status, 401);
+    assert_eq!(res.header("x-stepgate-redirect"), Some(login));
+    let res = get(&auth, &nginx("application/json")).await;
+    assert_eq!(res.status, 401);
+    assert_eq!(res.header("x-stepgate-redirect"), None);
+
+    // Without login_url: the 401 page (there is no code to ask for).
+    let without = text.replacen("  login_url: https://app.test/login?from=stepgate\n", "", 1);
+    assert_ne!(without, text);
+    gw.running
+        .as_ref()
+        .expect("running")
+        .gateway
+        .reload(support::gateway::load(&without))
+        .expect("reload");
+    let res = get(&gw.url("/payroll/run"), &browser).await;
+    assert_eq!(res.status, 401);
+    assert!(res
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/html")));
+    let res = get(&auth, &nginx("text/html")).await;
+    assert_eq!(res.status, 401);
+    assert_eq!(res.header("x-stepgate-redirect"), None);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+// Assertion key rotation: after a reload with a new key, /jwks.json
+// publishes the new key first and keeps the previous one, so an app that
+// fetches the set after the change still verifies assertions signed
+// before it (the previous key goes once they have all expired; see the
+// unit test in src/assertion.rs). A reload with the same key changes
+// nothing.
+async fn assertion_key_rotation_keeps_the_previous_key_published() {
+    use support::gateway::{config_yaml, load, primary_token, CONSOLE};
+    let up = Upstream::start().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let config = |key: &std::path::Path| {
+        config_yaml(&up.url(), CONSOLE, "").replacen(
+            "  timeout: 2s\n",
+            &format!(
+                "  timeout: 2s\n  assertion: {{ signing_key_file: {}, audience: payroll }}\n",
+                key.display()
+            ),
+            1,
+        )
+    };
+    let (old_key, new_key) = (
+        private_key(keys.path(), "ed25519"),
+        private_key(keys.path(), "p256"),
+    );
+    let gw = TestGateway::start(&config(&old_key)).await;
+    let auth = format!(
+        "Bearer {}",
+        primary_token("alice", Some("alice@example.com"), None, Some("s-1"))
+    );
+    let assertion = |res: TestResponse| {
+        assert_eq!(res.status, 200, "{}", res.text());
+        res.upstream_header("x-stepgate-assertion")
+            .expect("an assertion upstream")
+    };
+    let before = assertion(get(&gw.url("/account/me"), &[("authorization", &auth)]).await);
+    let cached = served_jwks(&gw).await;
+    assert_eq!(cached.keys.len(), 1);
+
+    let reload = |text: String| {
+        gw.running
+            .as_ref()
+            .expect("running")
+            .gateway
+            .reload(load(&text))
+            .expect("reload")
+    };
+    reload(config(&new_key));
+    let after = assertion(get(&gw.url("/account/me"), &[("authorization", &auth)]).await);
+    let fetched = served_jwks(&gw).await;
+    let kid = |t: &str| jsonwebtoken::decode_header(t).expect("header").kid;
+    let served: Vec<_> = fetched
+        .keys
+        .iter()
+        .map(|k| k.common.key_id.clone())
+        .collect();
+    assert_eq!(served, [kid(&after), kid(&before)], "new key first");
+    assert_ne!(kid(&after), kid(&before));
+    // The set fetched after the change verifies both; the set cached
+    // before it verifies the old one (and refetching is what an app does
+    // on the new kid).
+    assert_eq!(
+        verify_with(&fetched, &before, "payroll").expect("old assertion")["sub"],
+        "alice"
+    );
+    assert_eq!(
+        verify_with(&fetched, &after, "payroll").expect("new assertion")["sub"],
+        "alice"
+    );
+    assert!(verify_with(&cached, &before, "payroll").is_ok());
+    assert!(verify_with(&cached, &after, "payroll").is_err());
+
+    // The same key again: still both, nothing new.
+    reload(config(&new_key));
+    assert_eq!(served_jwks(&gw).await.keys.len(), 2);
 }

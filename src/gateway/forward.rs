@@ -79,7 +79,7 @@ pub(super) async fn run(
 
 /// The signed assertion (CONTRACT §5.4) for a request with an identity:
 /// who, and which second factor was checked for `rule`.
-fn sign_assertion<B>(
+pub(super) fn sign_assertion<B>(
     a: &crate::assertion::AssertionSettings,
     req: &Request<B>,
     rule: Option<&Rule>,

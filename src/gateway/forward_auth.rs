@@ -4,14 +4,15 @@
 //! forwards it itself. Two pieces of the pipeline differ from proxy mode:
 //! the source of the request being decided ([`original`], read from the
 //! proxy's headers) and the terminal ([`answer`]: 200 with the identity
-//! headers for the proxy to copy upstream).
+//! headers, and the signed assertion when configured, for the proxy to
+//! copy upstream).
 
 use http::header::{HeaderValue, CACHE_CONTROL};
 use http::{HeaderName, Method, Request, Response, StatusCode, Uri};
 
-use super::forward::{identity_headers, IDENTITY_HEADERS};
+use super::forward::{identity_headers, sign_assertion, IDENTITY_HEADERS};
 use super::normalise::valid_host;
-use super::Exchange;
+use super::{Exchange, State};
 use crate::http::{empty, Body, Rejection};
 use crate::telemetry::Outcome;
 
@@ -109,12 +110,14 @@ fn method_of(m: &str) -> Result<Method, Rejection> {
 }
 
 /// The request may pass: 200 with the identity headers for the proxy to
-/// copy upstream (a one-time token was already spent by the step-up phase).
-/// All four are always sent, empty when there is nothing to say: proxies
+/// copy upstream (a one-time token was already spent by the step-up phase),
+/// and with `upstream.assertion` the signed assertion (CONTRACT §5.4) in
+/// its configured header, for the proxy to copy too.
+/// All are always sent, empty when there is nothing to say: proxies
 /// that copy a fixed list then overwrite any copy the client sent, and
 /// Caddy 2.6 would otherwise forward its unreplaced placeholder
 /// (`{http.reverse_proxy.header.X-Stepgate-User}`) as the value.
-pub(super) fn answer(req: &Request<Body>, ex: &mut Exchange<'_>) -> Response<Body> {
+pub(super) fn answer(s: &State, req: &Request<Body>, ex: &mut Exchange<'_>) -> Response<Body> {
     ex.outcome = Outcome::Allowed;
     let mut res = Response::new(empty());
     *res.status_mut() = StatusCode::OK;
@@ -123,6 +126,11 @@ pub(super) fn answer(req: &Request<Body>, ex: &mut Exchange<'_>) -> Response<Bod
         headers.insert(name, HeaderValue::from_static(""));
     }
     headers.extend(identity_headers(req));
+    if let Some(a) = &s.config.upstream.assertion {
+        let (name, value) = sign_assertion(a, req, ex.rule)
+            .unwrap_or_else(|| (a.header.clone(), HeaderValue::from_static("")));
+        headers.insert(name, value);
+    }
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }

@@ -28,6 +28,7 @@ use arc_swap::ArcSwap;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 
+use crate::assertion::PublishedKeys;
 use crate::config::Config;
 use crate::http::negotiate::Client;
 use crate::http::{Body, BoxError, Rejection};
@@ -44,6 +45,8 @@ pub struct State {
     pub auth: Authenticator,
     pub proxy: Proxy,
     pub stepup: Stepup,
+    /// The assertion keys served at `/jwks.json` (replaced ones overlap).
+    pub assertion_keys: PublishedKeys,
 }
 
 /// The gateway: shared by every connection.
@@ -114,6 +117,13 @@ impl Gateway {
         Ok(())
     }
 
+    /// The assertion key set for `/jwks.json` (the current key and those a
+    /// reload replaced, while assertions they signed may be valid), or
+    /// `None` when there is none.
+    pub fn assertion_jwks(&self) -> Option<serde_json::Value> {
+        self.state.load().assertion_keys.jwks(Instant::now())
+    }
+
     /// Whether the gateway can serve protected routes: the store is
     /// reachable and the identity provider's keys have arrived. `Err` says
     /// what is missing.
@@ -179,7 +189,7 @@ async fn pipeline<'s>(
     stepup::run(s, &mut req, ex).await?; // a fresh second factor, into an extension
     match ex.mode {
         Mode::Proxy => forward::run(s, req, ex).await,
-        Mode::ForwardAuth => Ok(forward_auth::answer(&req, ex)),
+        Mode::ForwardAuth => Ok(forward_auth::answer(s, &req, ex)),
     }
 }
 
@@ -274,11 +284,17 @@ impl State {
             store,
             metrics,
         )?;
+        let assertion_keys = PublishedKeys::next(
+            previous.map(|p| &p.assertion_keys),
+            config.upstream.assertion.as_ref(),
+            Instant::now(),
+        );
         Ok(State {
             config: Arc::new(config),
             auth,
             proxy,
             stepup,
+            assertion_keys,
         })
     }
 }

@@ -44,8 +44,11 @@ pub(super) async fn run(
             Ok(())
         }
         StepupCheck::Needed => {
-            // Forward-auth never sees the body, so there is nothing to keep.
-            let stash = if ex.mode == Mode::Proxy && ex.client == Client::FormPost {
+            let codes = s.stepup.sends_codes_for(&need.factors);
+            // Forward-auth never sees the body, so there is nothing to
+            // keep; nor is there when only the identity provider can help
+            // (the browser goes to sign in there, not to the challenge page).
+            let stash = if ex.mode == Mode::Proxy && ex.client == Client::FormPost && codes {
                 Box::pin(s.stepup.stash_form(req, &id, ex.host.as_deref())).await
             } else {
                 None
@@ -58,6 +61,7 @@ pub(super) async fn run(
             Err(Rejection::StepUpRequired {
                 max_age: need.max_age.as_secs(),
                 acr_values,
+                codes,
                 stash,
             })
         }

@@ -35,11 +35,13 @@ pub enum Rejection {
     Unauthenticated,
     /// An identity without a fresh second factor on a step-up route.
     /// `acr_values` (space-separated) are the identity provider's levels
-    /// that would satisfy it (RFC 9470); `stash` names a browser form post
-    /// kept across the challenge.
+    /// that would satisfy it (RFC 9470); `codes` says whether a code from
+    /// the gateway can (false: only a new sign-in at the identity provider
+    /// can); `stash` names a browser form post kept across the challenge.
     StepUpRequired {
         max_age: u64,
         acr_values: Option<String>,
+        codes: bool,
         stash: Option<String>,
     },
     /// Forward-auth headers from a peer that is not a trusted proxy.

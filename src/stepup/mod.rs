@@ -184,6 +184,17 @@ impl Stepup {
         self.console.as_ref()
     }
 
+    /// Whether a code can be sent on any of `factors` (a channel of them
+    /// is configured, or the console in dev mode). A rule whose factors
+    /// none can serve is one only the identity provider satisfies.
+    pub fn sends_codes_for(&self, factors: &[Channel]) -> bool {
+        self.console.is_some()
+            || factors.iter().any(|c| match c {
+                Channel::Email => self.email.is_some(),
+                Channel::Sms => self.sms.is_some(),
+            })
+    }
+
     /// The second-factor token presented with a request (header first).
     fn presented_token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
         headers

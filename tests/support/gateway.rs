@@ -117,6 +117,25 @@ impl TestGateway {
     }
 }
 
+/// Wait until `/readyz` answers 200 (e.g. the provider's keys arrived).
+pub async fn wait_ready(gw: &TestGateway) {
+    super::eventually("/readyz 200", || async {
+        get(&gw.admin_url("/readyz"), &[]).await.status == 200
+    })
+    .await;
+}
+
+/// The value of the first `/metrics` line starting with `prefix` (0 when
+/// absent).
+pub async fn metric(gw: &TestGateway, prefix: &str) -> f64 {
+    let text = get(&gw.admin_url("/metrics"), &[]).await.text();
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Mint a primary token like an identity provider would.
 pub fn primary_token(
     sub: &str,

@@ -3,6 +3,7 @@
 //! OS and stopped when dropped.
 #![allow(dead_code)]
 
+pub mod assertion;
 pub mod browser;
 pub mod cluster;
 pub mod flow;
@@ -12,3 +13,25 @@ pub mod oidc;
 pub mod redis;
 pub mod smtp;
 pub mod upstream;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Longest a test waits for something the gateway (or a real part) does
+/// in the background before failing.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Poll `probe` until it returns true, failing the test after
+/// [`PATIENCE`]. The pause between polls is only a poll interval: the
+/// condition, not the time, decides when the test goes on.
+pub async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !probe().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

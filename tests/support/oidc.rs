@@ -1,12 +1,21 @@
 //! A real OpenID provider for identity tests: the npm package
 //! `oidc-provider` (pinned in `tests/support/oidc/package.json`, installed
-//! by `scripts/test.sh` with `npm ci`) run by Node.js on a free loopback
-//! port. It issues real RS256 JWT access tokens (client_credentials with a
+//! by `scripts/test.sh` with `npm ci`) run by Node.js on a loopback port.
+//! It issues real RS256 JWT access tokens (client_credentials with a
 //! resource indicator), serves discovery and its JWKS, rotates its signing
 //! keys on request, and can be stopped and started again on the same port
 //! with the same keys.
+//!
+//! No free-port race: this process binds the listening socket (port 0
+//! the first time, so the OS picks a free one) and hands it to Node as its
+//! stdin, which serves on it (`--listen-fd 0`). There is no moment in which
+//! the port is free but still meant for the provider, except while it is
+//! stopped on purpose; binding it again then retries until the port is
+//! free (a client's ephemeral port may hold it briefly).
 
 use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +27,12 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use serde_json::{json, Value};
+
+use super::upstream::Upstream;
+
+/// The audience (resource indicator) of every test token.
+pub const AUDIENCE: &str = "https://app.test";
 
 const CLIENT_ID: &str = "stepgate-tests";
 const CLIENT_SECRET: &str = "stepgate-tests-secret-0123456789abcdef";
@@ -33,6 +47,7 @@ fn dir() -> PathBuf {
 /// A running (or stopped) oidc-provider child process, killed when dropped.
 pub struct OidcProvider {
     child: Option<Child>,
+    /// 0 until the first start picks a port.
     port: u16,
     /// Keys and the provider's log live here.
     state: tempfile::TempDir,
@@ -43,7 +58,7 @@ pub struct OidcProvider {
 impl OidcProvider {
     /// Start a provider on a free port (plain HTTP).
     pub fn start() -> OidcProvider {
-        let mut p = OidcProvider::stopped(None);
+        let mut p = OidcProvider::unstarted(None);
         p.start_again();
         p
     }
@@ -51,23 +66,52 @@ impl OidcProvider {
     /// Start a provider serving HTTPS with `cert`/`key` (for `localhost`),
     /// signed by `ca`.
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> OidcProvider {
-        let mut p = OidcProvider::stopped(Some((cert.into(), key.into(), ca.into())));
+        let mut p = OidcProvider::unstarted(Some((cert.into(), key.into(), ca.into())));
         p.start_again();
         p
     }
 
-    /// A provider that is not running yet: its port is reserved for
-    /// [`start_again`](Self::start_again), its issuer URL already known.
+    /// A provider that is not running yet, whose issuer URL is already
+    /// known: its port is one the OS found free, bound by
+    /// [`start_again`](Self::start_again).
     pub fn stopped(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> OidcProvider {
+        let mut p = OidcProvider::unstarted(tls);
+        p.port = super::gateway::free_port();
+        p
+    }
+
+    fn unstarted(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> OidcProvider {
         assert!(
             dir().join("node_modules/oidc-provider").is_dir(),
             "oidc-provider is not installed: run `npm ci --prefix tests/support/oidc` (scripts/test.sh does)"
         );
         OidcProvider {
             child: None,
-            port: super::gateway::free_port(),
+            port: 0,
             state: tempfile::tempdir().expect("temporary directory for the provider"),
             tls,
+        }
+    }
+
+    /// The listening socket for the provider: on a port the OS picks the
+    /// first time, on the same port again after a stop.
+    fn bind(&mut self) -> TcpListener {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            match TcpListener::bind(addr) {
+                Ok(l) => {
+                    self.port = l.local_addr().expect("bound address").port();
+                    return l;
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    // Poll interval while another socket holds the port.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot bind the provider's port {}: {e}", self.port),
+            }
         }
     }
 
@@ -96,11 +140,12 @@ impl OidcProvider {
     /// it says it listens.
     pub fn start_again(&mut self) {
         self.stop();
+        let listener = self.bind();
         let log = std::fs::File::create(self.state.path().join("provider.log"))
             .expect("provider log file");
         let mut cmd = Command::new("node");
         cmd.arg(dir().join("server.mjs"))
-            .args(["--port", &self.port.to_string()])
+            .args(["--listen-fd", "0"])
             .arg("--state")
             .arg(self.state.path());
         if let Some((cert, key, _)) = &self.tls {
@@ -108,11 +153,15 @@ impl OidcProvider {
         }
         let mut child = cmd
             .current_dir(dir())
-            .stdin(Stdio::null())
+            // The provider serves on the socket bound here; dropping `cmd`
+            // below closes this process's copy, so a stopped provider's
+            // port refuses connections.
+            .stdin(Stdio::from(OwnedFd::from(listener)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn node (is Node.js installed? scripts/test.sh installs it)");
+        drop(cmd);
         let stdout = child.stdout.take().expect("provider stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -276,4 +325,60 @@ fn form_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// A gateway config in front of `upstream` whose primary identity comes
+/// from a provider: `identity.jwt` gets the lines in `jwt` (indented by
+/// four spaces). Routes: `/assets/**` public, `/account/**` identity,
+/// `/admin/**` a code, `/payroll/**` a code or the provider's MFA (amr
+/// `mfa`/`hwk` or acr `urn:example:loa:2`), `/export/**` one-time with the
+/// provider's `mfa`.
+pub fn gateway_yaml(upstream: &Upstream, jwt: &str) -> String {
+    format!(
+        r#"listen: {{ address: 127.0.0.1:0 }}
+admin: {{ address: 127.0.0.1:0 }}
+upstream: {{ url: "http://{}", timeout: 5s }}
+identity:
+  jwt:
+{jwt}
+    audience: {AUDIENCE}
+    leeway: 0s
+stepup:
+  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}
+  console: true
+routes:
+  - name: static
+    path: /assets/**
+    public: true
+  - name: account
+    path: /account/**
+  - name: admin
+    path: /admin/**
+    stepup: {{ max_age: 5m }}
+  - name: payroll
+    path: /payroll/**
+    stepup: {{ max_age: 5m, idp: {{ amr: [mfa, hwk], acr: ["urn:example:loa:2"] }} }}
+  - name: export
+    path: /export/**
+    stepup: {{ max_age: 5m, one_time: true, idp: {{ amr: [mfa] }} }}
+dev: true
+"#,
+        upstream.addr
+    )
+}
+
+/// The claims of a user signed in at the provider (password only).
+pub fn user(sub: &str) -> Value {
+    json!({"sub": sub, "email": format!("{sub}@example.com"), "sid": format!("sid-{sub}")})
+}
+
+/// A user whose sign-in at the provider proved `amr`/`acr` at `auth_time`.
+pub fn signed_in(sub: &str, amr: &[&str], acr: Option<&str>, auth_time: u64) -> Value {
+    let mut c = user(sub);
+    c["amr"] = json!(amr);
+    c["auth_time"] = json!(auth_time);
+    if let Some(acr) = acr {
+        c["acr"] = json!(acr);
+    }
+    c
 }

@@ -3,9 +3,11 @@
 // client_credentials grant with a resource indicator, publishes discovery
 // and a JWKS, and can rotate its signing keys while running.
 //
-// Usage: node server.mjs --port PORT --state DIR [--tls-cert F --tls-key F]
-//   --port 0 picks a free port. The line `listening <issuer>` on stdout says
-//   it is ready. Keys live in DIR/keys.json, so a provider restarted on the
+// Usage: node server.mjs (--port PORT | --listen-fd FD) --state DIR [--tls-cert F --tls-key F]
+//   --port 0 picks a free port; --listen-fd serves on a listening socket
+//   the caller bound on 127.0.0.1 and passed as that descriptor (the tests
+//   pass it as stdin, so no other process can take the port in between).
+//   The line `listening <issuer>` on stdout says it is ready. Keys live in DIR/keys.json, so a provider restarted on the
 //   same port and DIR serves the same keys.
 //
 // The "user" is chosen by the test: the token request's `test_claims` form
@@ -33,7 +35,7 @@ const args = Object.fromEntries(
 );
 const stateDir = args.state;
 if (!stateDir) {
-  console.error('usage: server.mjs --port PORT --state DIR [--tls-cert F --tls-key F]');
+  console.error('usage: server.mjs (--port PORT | --listen-fd FD) --state DIR [--tls-cert F --tls-key F]');
   process.exit(2);
 }
 const keysFile = path.join(stateDir, 'keys.json');
@@ -153,12 +155,17 @@ const handler = (req, res) => {
   return handle(req, res);
 };
 const server = tls ? https.createServer(tls, handler) : http.createServer(handler);
-server.listen(Number(args.port ?? 0), '127.0.0.1', () => {
+const ready = () => {
   const { port } = server.address();
   issuer = `${tls ? 'https://localhost' : 'http://127.0.0.1'}:${port}`;
   handle = build(issuer).callback();
   console.log(`listening ${issuer}`);
-});
+};
+if (args['listen-fd'] !== undefined) {
+  server.listen({ fd: Number(args['listen-fd']) }, ready);
+} else {
+  server.listen(Number(args.port ?? 0), '127.0.0.1', ready);
+}
 const stop = () => server.close(() => process.exit(0));
 process.on('SIGTERM', stop);
 process.on('SIGINT', stop);
