@@ -1,17 +1,24 @@
 //! The config file: raw serde schema (`raw.rs`, `${NAME}` from `env.rs`) ->
-//! validation -> immutable [`Config`]; positions from `position.rs`.
+//! validation (`validate/`) -> build step (`build.rs`) -> immutable
+//! [`Config`]; positions from `position.rs`.
 //!
-//! Loading happens in three steps so that every problem is reported with
+//! Loading happens in four steps so that every problem is reported with
 //! `FILE:LINE:COL: key.path: message`:
 //! 1. `serde_yaml` parses the text into [`raw`] structs that refuse unknown
-//!    keys; `${NAME}` is substituted inside every string as it is read, so an
-//!    unset variable is reported at the place it is used.
+//!    keys; then `env.rs` substitutes `${NAME}` in every string from the
+//!    environment passed in, so an unset variable is reported at the place
+//!    it is used.
 //! 2. A position index built from the same text (yaml-rust2's event parser,
 //!    which keeps marks) maps key paths like `routes[2].stepup.max_age` to
 //!    their line and column.
 //! 3. `validate/` walks the raw structs once, one file per section, collects
 //!    *every* semantic problem, and builds the typed `Config` only when
-//!    there is none.
+//!    there is none. Of runtime objects it builds only keys, each with its
+//!    module's loader (`identity::JwtKeys`, `token::SigningKey`,
+//!    `assertion::AssertionSettings`), as the settings carry them.
+//! 4. `build.rs` builds once what `run` will build from the validated
+//!    settings (TLS, CA roots, notifiers, the Redis client), with the code
+//!    of the module that owns it, so `check` refuses what `run` would.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -194,6 +201,7 @@ impl Config {
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut v = validate::Validator::new(&index, base);
         let config = validate::config(&mut v, file, raw);
+        build::check(&mut v);
         if v.problems.is_empty() && env_problems.is_empty() {
             if let Some(mut config) = config {
                 config.digest = source_digest(text.as_bytes());
@@ -415,6 +423,7 @@ pub fn fmt_duration(d: Duration) -> String {
     }
 }
 
+mod build;
 mod env;
 mod position;
 mod raw;

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use super::Validator;
+use crate::config::build::Build;
 use crate::config::raw;
-use crate::delivery::email::{EmailNotifier, EmailSettings, SmtpSecurity};
+use crate::delivery::email::{EmailSettings, SmtpSecurity};
 
 pub(super) fn validate(v: &mut Validator<'_>, e: raw::Email) -> Option<EmailSettings> {
     let before = v.problems.len();
@@ -62,10 +63,7 @@ pub(super) fn validate(v: &mut Validator<'_>, e: raw::Email) -> Option<EmailSett
         // would only show up again as a misleading follow-on error.
         return None;
     }
-    if let Err(msg) = EmailNotifier::new(settings.clone()) {
-        v.problem("stepup.email", msg);
-        return None;
-    }
+    v.build(Build::Email(settings.clone()));
     Some(settings)
 }
 

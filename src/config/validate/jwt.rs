@@ -8,6 +8,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::Validator;
+use crate::config::build::Build;
 use crate::config::raw;
 use crate::identity::jwks::JwksSettings;
 use crate::identity::{JwtKeys, JwtSettings};
@@ -233,10 +234,7 @@ fn remote(v: &mut Validator<'_>, j: RemoteKeys, hs: bool) -> Option<JwksSettings
         .as_ref()
         .and_then(|f| v.existing_file("identity.jwt.ca_file", &f.0));
     if let Some(path) = &ca_file {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Err(e) = crate::proxy::add_ca_file(&mut roots, path) {
-            v.problem("identity.jwt.ca_file", format!("cannot load {e}"));
-        }
+        v.build(Build::CaFile("identity.jwt.ca_file", path.clone()));
     }
     let min_refresh = v.duration(
         "identity.jwt.jwks_min_refresh",

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use super::Validator;
+use crate::config::build::Build;
 use crate::config::{raw, Listen, DEFAULT_MAX_CONNECTIONS};
-use crate::tls::{tls_certs, tls_key, tls_server_config, TlsFiles};
+use crate::tls::TlsFiles;
 
 pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> {
     let address = v.addr("listen.address", l.address, "0.0.0.0:8080");
@@ -15,7 +16,7 @@ pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> 
             cert: cert?,
             key: key?,
         };
-        tls_files(v, &files);
+        v.build(Build::ListenerTls(files.clone()));
         Some(files)
     });
     let max_header_bytes = match l.max_header_bytes {
@@ -75,26 +76,6 @@ pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> 
         trusted_proxies,
         max_connections,
     })
-}
-
-/// Load the certificate and key as the server will, so that a file
-/// `run` would refuse is a located error here.
-fn tls_files(v: &mut Validator<'_>, files: &TlsFiles) {
-    let certs = tls_certs(&files.cert)
-        .map_err(|e| v.problem("listen.tls.cert", format!("cannot load {e}")));
-    let key =
-        tls_key(&files.key).map_err(|e| v.problem("listen.tls.key", format!("cannot load {e}")));
-    if let (Ok(certs), Ok(key)) = (certs, key) {
-        if let Err(e) = tls_server_config(certs, key) {
-            v.problem(
-                "listen.tls.key",
-                format!(
-                    "does not fit the certificate in {}: {e}",
-                    files.cert.display()
-                ),
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::build::Build;
 use super::position::PositionIndex;
 use super::{parse_duration, raw, Config, Problem};
 use crate::policy::{Action, DefaultPolicy, Policy};
@@ -33,6 +34,8 @@ pub(super) struct Validator<'a> {
     index: &'a PositionIndex,
     base: PathBuf,
     pub(super) problems: Vec<Problem>,
+    /// What `run` will build from the sections validated so far.
+    builds: Vec<Build>,
 }
 
 impl<'a> Validator<'a> {
@@ -41,10 +44,21 @@ impl<'a> Validator<'a> {
             index,
             base,
             problems: Vec::new(),
+            builds: Vec::new(),
         }
     }
 
-    fn problem(&mut self, key: &str, message: impl Into<String>) {
+    /// Record a runtime object for the build step to build.
+    fn build(&mut self, b: Build) {
+        self.builds.push(b);
+    }
+
+    /// What the build step is to build, in the order recorded.
+    pub(in crate::config) fn take_builds(&mut self) -> Vec<Build> {
+        std::mem::take(&mut self.builds)
+    }
+
+    pub(in crate::config) fn problem(&mut self, key: &str, message: impl Into<String>) {
         let (line, col) = self.index.locate(key);
         self.problems.push(Problem {
             line,

@@ -5,8 +5,9 @@ use std::time::Duration;
 use http::Uri;
 
 use super::Validator;
+use crate::config::build::Build;
 use crate::config::raw;
-use crate::delivery::sms::{SmsNotifier, SmsSettings};
+use crate::delivery::sms::SmsSettings;
 
 pub(super) fn validate(
     v: &mut Validator<'_>,
@@ -18,12 +19,7 @@ pub(super) fn validate(
     if v.problems.len() > before {
         return None;
     }
-    // What only the notifier checks (Twilio SID shape, header values,
-    // a zero timeout) is a config error too, not a start-up failure.
-    if let Err(msg) = SmsNotifier::new(settings.clone(), timeout) {
-        v.problem("stepup.sms", msg);
-        return None;
-    }
+    v.build(Build::Sms(settings.clone(), timeout));
     Some(settings)
 }
 

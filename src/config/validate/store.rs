@@ -1,6 +1,7 @@
 //! `store`: in memory, one Redis, or a Redis cluster.
 
 use super::Validator;
+use crate::config::build::Build;
 use crate::config::raw;
 use crate::store::Settings;
 
@@ -10,54 +11,7 @@ pub(super) fn validate(v: &mut Validator<'_>, s: raw::Store) -> Option<Settings>
     if v.problems.len() > before {
         return None;
     }
-    // Build the client as `run` will (it connects lazily, so Redis need
-    // not be up): what it refuses is refused here, at its key.
-    match &store {
-        Settings::Memory { .. } => {}
-        Settings::Redis {
-            url,
-            prefix,
-            ca_file,
-        } => {
-            let ca = ca_file.as_ref().and_then(|path| {
-                std::fs::read(path)
-                    .map_err(|e| {
-                        v.problem(
-                            "store.ca_file",
-                            format!("cannot read {}: {e}", path.display()),
-                        )
-                    })
-                    .ok()
-            });
-            if ca_file.is_some() && ca.is_none() {
-                return None;
-            }
-            // The Redis client takes the PEM as it is; a file without a
-            // certificate would only fail at the first connection.
-            if let Some(path) = ca_file {
-                let mut roots = rustls::RootCertStore::empty();
-                if let Err(e) = crate::proxy::add_ca_file(&mut roots, path) {
-                    v.problem("store.ca_file", format!("cannot load {e}"));
-                    return None;
-                }
-            }
-            let key = if ca.is_some() {
-                "store.ca_file"
-            } else {
-                "store.redis"
-            };
-            if let Err(e) = crate::store::RedisStore::with_ca(url, prefix, ca) {
-                v.problem(key, e.to_string());
-                return None;
-            }
-        }
-        Settings::Cluster { urls, prefix } => {
-            if let Err(e) = crate::store::RedisStore::cluster(urls, prefix) {
-                v.problem("store.redis_cluster", e.to_string());
-                return None;
-            }
-        }
-    }
+    v.build(Build::Store(store.clone()));
     Some(store)
 }
 

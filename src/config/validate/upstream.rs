@@ -7,6 +7,7 @@ use http::Uri;
 
 use super::Validator;
 use crate::assertion::AssertionSettings;
+use crate::config::build::Build;
 use crate::config::raw;
 use crate::proxy::Settings;
 
@@ -50,10 +51,7 @@ pub(super) fn validate(v: &mut Validator<'_>, u: raw::Upstream) -> Option<Settin
         .ca_file
         .and_then(|f| v.existing_file("upstream.ca_file", &f.0));
     if let Some(path) = &ca_file {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Err(e) = crate::proxy::add_ca_file(&mut roots, path) {
-            v.problem("upstream.ca_file", format!("cannot load {e}"));
-        }
+        v.build(Build::CaFile("upstream.ca_file", path.clone()));
     }
     let pool_idle_timeout = v.duration(
         "upstream.pool_idle_timeout",
