@@ -31,25 +31,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Headers some backends use to re-route or re-method a request behind the
-/// proxy's back (IIS/Symfony URL rewrite). Removed from every request so the
-/// backend serves exactly what the policy checked.
-const REROUTING: [HeaderName; 5] = [
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-original-uri"),
-    HeaderName::from_static("x-forwarded-path"),
-    HeaderName::from_static("x-forwarded-prefix"),
-];
-
-/// Method override headers (Rails, Express, Spring's HiddenHttpMethodFilter
-/// uses a form field, which the policy cannot see; see README).
-pub const METHOD_OVERRIDE: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
-
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -98,28 +79,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if !keep_upgrade {
         headers.remove(header::UPGRADE);
-    }
-}
-
-/// Remove every header the gateway owns or that could re-route the request
-/// at the backend: `X-Stepgate-*` (and the `X_Stepgate_*` spelling some
-/// servers map to the same CGI variable), URL rewrite headers.
-pub fn strip_reserved(headers: &mut HeaderMap) {
-    let owned: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            let s = k.as_str();
-            s.len() >= 11
-                && (s[..11].eq_ignore_ascii_case("x-stepgate-")
-                    || s[..11].eq_ignore_ascii_case("x_stepgate_"))
-        })
-        .cloned()
-        .collect();
-    for k in owned {
-        headers.remove(k);
-    }
-    for name in &REROUTING {
-        headers.remove(name);
     }
 }
 
@@ -522,20 +481,6 @@ mod tests {
         assert!(h.get("te").is_none());
         assert!(h.get("connection").is_none());
         assert_eq!(h.get("x-bar").and_then(|v| v.to_str().ok()), Some("2"));
-    }
-
-    #[test]
-    // A client must not be able to inject the gateway's identity headers.
-    fn stepgate_headers_are_removed_in_both_spellings() {
-        let mut h = headers(&[
-            ("x-stepgate-user", "admin"),
-            ("X_Stepgate_User", "admin"),
-            ("x-original-url", "/admin"),
-            ("x-app", "1"),
-        ]);
-        strip_reserved(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.get("x-app").is_some());
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub(super) fn run(s: &State, req: &Request<Body>, ex: &mut Exchange<'_>) -> Resu
     if req.method() == Method::CONNECT {
         return Err(Rejection::ConnectMethod);
     }
+    // hyper accepts any token as a method; Django, Werkzeug and ASP.NET
+    // read `delete` as DELETE, while the policy matches methods as sent.
+    if !is_plain_method(req.method().as_str().as_bytes()) {
+        return Err(Rejection::BadMethod);
+    }
     let path = normalize_path(req.uri().path()).map_err(|e| {
         ex.path = "<invalid>".into();
         Rejection::BadPath(e)
@@ -37,6 +42,9 @@ pub(super) fn run(s: &State, req: &Request<Body>, ex: &mut Exchange<'_>) -> Resu
             ex.path = "<invalid>".into();
             Rejection::BadPath(e)
         })?;
+        if !is_plain_method(original.method.as_str().as_bytes()) {
+            return Err(Rejection::BadMethod);
+        }
         ex.client = Client::of(&original.method, req.headers());
         ex.method = original.method;
         ex.host = original.host.or(request_host(req)?);
@@ -48,6 +56,15 @@ pub(super) fn run(s: &State, req: &Request<Body>, ex: &mut Exchange<'_>) -> Resu
     ex.host = request_host(req)?;
     ex.target = target.to_string();
     Ok(())
+}
+
+/// A method as nginx accepts it: upper-case letters, `-` and `_` only.
+/// Anything else (`delete`, `Get`) would be matched as sent by the policy
+/// and read as another method by some apps.
+pub(super) fn is_plain_method(m: &[u8]) -> bool {
+    !m.is_empty()
+        && m.iter()
+            .all(|b| b.is_ascii_uppercase() || *b == b'-' || *b == b'_')
 }
 
 /// The host the client asked for: the URI authority (HTTP/2, absolute-form),

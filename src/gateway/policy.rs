@@ -3,13 +3,12 @@
 //! second factor. A method override header may not move the request to a
 //! rule the policy did not check.
 
-use http::{Method, Request};
+use http::{HeaderMap, HeaderName, Method, Request};
 
 use super::{Exchange, State};
 use crate::http::{Body, Rejection};
 use crate::identity::Identity;
 use crate::policy::{Action, DefaultPolicy, Rule};
-use crate::proxy;
 use crate::telemetry::Mode;
 
 /// Where the request goes next.
@@ -35,17 +34,11 @@ pub(super) fn run<'s>(
         ex.rule_label = r.name.clone();
     }
     ex.rule = rule;
-    // e.g. POST + X-HTTP-Method-Override: DELETE must not reach a rule
+    // e.g. POST + X-HTTP-Method-Override: delete must not reach a rule
     // that only the DELETE was checked against.
-    // Every line counts: an app may read the last copy, not the first.
-    for name in &proxy::METHOD_OVERRIDE {
-        for v in req.headers().get_all(name) {
-            let same = Method::from_bytes(v.as_bytes())
-                .map(|m| same_rule(cfg.policy.route(&m, host, &ex.path), rule))
-                .unwrap_or(false);
-            if !same {
-                return Err(Rejection::MethodOverride);
-            }
+    if let Some(m) = override_method(req.headers())? {
+        if !same_rule(cfg.policy.route(&m, host, &ex.path), rule) {
+            return Err(Rejection::MethodOverride);
         }
     }
     ex.action = match rule {
@@ -62,6 +55,35 @@ pub(super) fn run<'s>(
         }
         _ => Ok(Route::Rule),
     }
+}
+
+/// Method override headers (Rails, Express, Symfony, ASP.NET; a `_method`
+/// form field is inside the body, which the policy cannot see: see
+/// README). `sanitise` has removed every other spelling of them.
+const METHOD_OVERRIDE: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// The method the override headers ask for, upper-cased as frameworks do
+/// (`delete` is DELETE to them). Every line of every override header
+/// counts: an app may read the last copy, or another header than the
+/// first. Values that differ, or are not a method, are refused.
+fn override_method(headers: &HeaderMap) -> Result<Option<Method>, Rejection> {
+    let mut found: Option<Method> = None;
+    for v in METHOD_OVERRIDE.iter().flat_map(|n| headers.get_all(n)) {
+        let upper = v.as_bytes().to_ascii_uppercase();
+        if !super::normalise::is_plain_method(&upper) {
+            return Err(Rejection::MethodOverride);
+        }
+        let m = Method::from_bytes(&upper).map_err(|_| Rejection::MethodOverride)?;
+        match &found {
+            Some(f) if *f != m => return Err(Rejection::MethodOverride),
+            _ => found = Some(m),
+        }
+    }
+    Ok(found)
 }
 
 /// `path` is the prefix itself or below it (whole segments only).

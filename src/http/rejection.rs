@@ -19,6 +19,8 @@ pub enum Rejection {
     UriTooLong,
     /// `CONNECT` (the gateway is not a forward proxy).
     ConnectMethod,
+    /// A method that is not upper-case letters, `-` and `_` (`delete`).
+    BadMethod,
     /// The path cannot be normalised without ambiguity.
     BadPath(PathError),
     /// Several or malformed `Host` values.
@@ -100,6 +102,7 @@ impl Rejection {
             UriTooLong => StatusCode::URI_TOO_LONG,
             ConnectMethod | MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             BadPath(_)
+            | BadMethod
             | BadHost
             | AmbiguousCredentials
             | MethodOverride
@@ -148,6 +151,7 @@ impl Rejection {
             UriTooLong => "uri_too_long",
             ConnectMethod | MethodNotAllowed => "method_not_allowed",
             BadPath(_) => "bad_path",
+            BadMethod => "bad_method",
             BadHost => "bad_host",
             AmbiguousCredentials => "ambiguous_credentials",
             MethodOverride => "method_override",
@@ -182,6 +186,7 @@ impl Rejection {
         Cow::Borrowed(match self {
             UriTooLong => "request target too long",
             ConnectMethod => "CONNECT is not supported",
+            BadMethod => "the method must be upper case",
             BadPath(e) => return Cow::Owned(e.to_string()),
             BadHost => "invalid Host",
             AmbiguousCredentials => "send one primary credential",
