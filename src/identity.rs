@@ -5,6 +5,7 @@
 //! names is what second-factor tokens are bound to. Verification keys come
 //! from the config or from the identity provider (`jwks.rs`).
 
+mod credentials;
 pub mod jwks;
 mod settings;
 
@@ -14,7 +15,6 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
@@ -232,14 +232,17 @@ impl Authenticator {
     }
 
     /// The identity in `headers`, if any. `Ok(None)` when no credential was
-    /// presented; `Err` when one was presented and is not valid.
+    /// presented; `Err` when one was presented and is not valid, or when a
+    /// primary token has another credential beside it in the headers or
+    /// the request's `query` (`credentials.rs`).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
+        query: Option<&str>,
         peer: IpAddr,
     ) -> Result<Option<Identity>, IdentityError> {
         if let Some(jwt) = &self.cfg.jwt {
-            if let Some(token) = bearer_or_cookie(jwt, headers)? {
+            if let Some(token) = credentials::primary_token(jwt, headers, query)? {
                 return self.verify_jwt(jwt, token).await.map(Some);
             }
         }
@@ -408,46 +411,11 @@ fn string_claim(claims: &Map<String, Value>, name: &str) -> Option<String> {
     claims.get(name).and_then(Value::as_str).map(str::to_string)
 }
 
-/// The one primary token a request carries in the configured places
-/// (bearer header, identity cookie). Several *different* tokens are
-/// refused rather than one picked: the app behind might read another.
-fn bearer_or_cookie<'a>(
-    jwt: &'a JwtSettings,
-    headers: &'a HeaderMap,
-) -> Result<Option<&'a str>, IdentityError> {
-    let mut found: Option<&str> = None;
-    let mut add = |t: &'a str| match found {
-        Some(f) if f != t => Err(IdentityError::Ambiguous),
-        _ => {
-            found = Some(t);
-            Ok(())
-        }
-    };
-    if jwt.from_header {
-        for v in headers
-            .get_all(AUTHORIZATION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-        {
-            if let Some((scheme, token)) = v.split_once(' ') {
-                if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-                    add(token.trim())?;
-                }
-            }
-        }
-    }
-    if jwt.from_cookie {
-        for t in crate::http::cookies::cookies(headers, &jwt.cookie) {
-            add(t)?;
-        }
-    }
-    Ok(found)
-}
-
 #[cfg(test)]
 mod sf_tests {
     use super::*;
     use crate::config::Config;
+    use http::header::AUTHORIZATION;
 
     #[tokio::test]
     // With one key for both, a second-factor token still never passes as a
@@ -472,7 +440,7 @@ mod sf_tests {
                 .unwrap_or_else(|_| unreachable!()),
         );
         assert!(auth
-            .authenticate(&h, IpAddr::from([127, 0, 0, 1]))
+            .authenticate(&h, None, IpAddr::from([127, 0, 0, 1]))
             .await
             .is_err());
         // A same-key token without the gateway's typ but with its audience is refused too.
@@ -490,7 +458,7 @@ mod sf_tests {
                 .unwrap_or_else(|_| unreachable!()),
         );
         assert!(auth
-            .authenticate(&h, IpAddr::from([127, 0, 0, 1]))
+            .authenticate(&h, None, IpAddr::from([127, 0, 0, 1]))
             .await
             .is_err());
     }
@@ -500,6 +468,7 @@ mod sf_tests {
 mod cache_tests {
     use super::*;
     use crate::config::Config;
+    use http::header::AUTHORIZATION;
 
     const KEY: &str = "cache-test-primary-key-0123456789abcdef";
 
@@ -543,18 +512,18 @@ mod cache_tests {
         let auth = authenticator("0s");
         let exp = crate::token::unix_now() + 1;
         let h = headers(&token(exp));
-        let id = auth.authenticate(&h, PEER).await;
+        let id = auth.authenticate(&h, None, PEER).await;
         assert_eq!(id.map(|i| i.map(|i| i.subject)), Ok(Some("alice".into())));
         assert_eq!(auth.token_cache().len(), 1, "verified token is cached");
         // Served from the cache while valid.
-        assert!(auth.authenticate(&h, PEER).await.is_ok());
+        assert!(auth.authenticate(&h, None, PEER).await.is_ok());
         // Wait for the wall clock to pass exp (not a synchronisation sleep:
         // the condition is time itself).
         while crate::token::unix_now() <= exp {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert!(
-            auth.authenticate(&h, PEER).await.is_err(),
+            auth.authenticate(&h, None, PEER).await.is_err(),
             "expired token refused"
         );
         assert_eq!(auth.token_cache().len(), 0, "expired entry dropped");
@@ -567,7 +536,7 @@ mod cache_tests {
         let auth = authenticator("5s");
         let now = crate::token::unix_now();
         let t = token(now + 60);
-        assert!(auth.authenticate(&headers(&t), PEER).await.is_ok());
+        assert!(auth.authenticate(&headers(&t), None, PEER).await.is_ok());
         let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
         let key = (
             digest,
@@ -586,7 +555,7 @@ mod cache_tests {
         let auth = authenticator("0s");
         let now = crate::token::unix_now();
         let t = token(now + 600);
-        assert!(auth.authenticate(&headers(&t), PEER).await.is_ok());
+        assert!(auth.authenticate(&headers(&t), None, PEER).await.is_ok());
         let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
         let set = auth.key_generation().unwrap_or_default();
         let old = auth.token_cache().generation();
@@ -612,7 +581,7 @@ mod cache_tests {
                 valid_until: now + 600,
             },
         );
-        let id = auth.authenticate(&headers(&t), PEER).await;
+        let id = auth.authenticate(&headers(&t), None, PEER).await;
         assert_eq!(id.map(|i| i.map(|i| i.subject)), Ok(Some("alice".into())));
     }
 
@@ -622,7 +591,7 @@ mod cache_tests {
         let auth = authenticator("0s");
         let mut t = token(crate::token::unix_now() + 600);
         t.push('x');
-        assert!(auth.authenticate(&headers(&t), PEER).await.is_err());
+        assert!(auth.authenticate(&headers(&t), None, PEER).await.is_err());
         assert!(auth.token_cache().is_empty());
     }
 }

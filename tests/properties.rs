@@ -133,7 +133,7 @@ proptest! {
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
             headers.insert(http::header::AUTHORIZATION, v);
-            let got = rt.block_on(auth.authenticate(&headers, "127.0.0.1".parse().expect("ip")));
+            let got = rt.block_on(auth.authenticate(&headers, None, "127.0.0.1".parse().expect("ip")));
             prop_assert!(!matches!(got, Ok(Some(_))), "forged token accepted: {token:?}");
         }
     }

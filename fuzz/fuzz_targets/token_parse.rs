@@ -45,6 +45,6 @@ fuzz_target!(|data: &[u8]| {
         headers.append(http::header::COOKIE, v);
     }
     let peer = "127.0.0.1".parse().expect("ip");
-    let got = runtime().block_on(auth().authenticate(&headers, peer));
+    let got = runtime().block_on(auth().authenticate(&headers, None, peer));
     assert!(!matches!(got, Ok(Some(_))), "forged credential accepted");
 });

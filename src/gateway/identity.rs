@@ -14,7 +14,13 @@ pub(super) async fn run(
     req: &mut Request<Body>,
     ex: &mut Exchange<'_>,
 ) -> Result<(), Rejection> {
-    match s.auth.authenticate(req.headers(), ex.conn.peer.ip()).await {
+    // The query of the request decided (the original one in forward-auth).
+    let query = ex.target.split_once('?').map(|(_, q)| q);
+    match s
+        .auth
+        .authenticate(req.headers(), query, ex.conn.peer.ip())
+        .await
+    {
         Ok(Some(id)) => {
             req.extensions_mut().insert(id);
         }
