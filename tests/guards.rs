@@ -197,6 +197,448 @@ async fn every_method_override_header_and_line_is_checked() {
     assert_eq!(up.hits(), 0);
 }
 
+/// Header names the upstream received, spelled as CGI-style apps read them
+/// (`_` as `-`, lower case).
+fn cgi_names(res: &TestResponse) -> Vec<String> {
+    res.upstream_header_names()
+        .iter()
+        .map(|n| n.replace('_', "-").to_ascii_lowercase())
+        .collect()
+}
+
+#[tokio::test]
+// Protects against a method override that a framework upper-cases
+// (`delete` is DELETE to Rails, Express, Symfony) or reads under another
+// spelling (`X_HTTP_Method_Override`, one CGI variable with the dashed
+// one) moving a request onto a rule the policy did not check: values in
+// any case, several values that differ, and every spelling.
+async fn method_override_in_any_case_and_spelling_is_checked() {
+    let up = support::upstream::Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    // GET /api/v1/keys matches no rule; DELETE matches the step-up rule.
+    for name in [
+        "x-http-method-override",
+        "X-HTTP-Method",
+        "x-method-override",
+    ] {
+        for value in ["delete", "Delete", "dElEtE"] {
+            let res = get(&gw.url("/api/v1/keys"), &[(name, value)]).await;
+            assert_eq!(res.status, StatusCode::BAD_REQUEST, "{name}: {value}");
+            assert_eq!(res.json()["error"], "method_override", "{name}: {value}");
+        }
+        // Not a method at all: refused, never guessed.
+        for value in ["DEL ETE", "", "DELETE,GET", "DELETE1"] {
+            let res = request(
+                Method::GET,
+                &gw.url("/other"),
+                &[(name, value)],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(res.status, StatusCode::BAD_REQUEST, "{name}: {value:?}");
+        }
+    }
+    // The POST the keys rule protects cannot leave it by asking for `get`.
+    let res = request(
+        Method::POST,
+        &gw.url("/api/v1/keys"),
+        &[("x-http-method-override", "get")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    // Two override headers (or lines) asking for different methods are
+    // refused even where both land on the same rule: which one the app
+    // reads is its own business.
+    let res = get(
+        &gw.url("/other"),
+        &[
+            ("x-http-method-override", "PUT"),
+            ("x-method-override", "PATCH"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(res.json()["error"], "method_override");
+    let res = get(
+        &gw.url("/other"),
+        &[("x-http-method", "PUT"), ("x-http-method", "PATCH")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(up.hits(), 0, "a refused override reached the upstream");
+    // Inside the rule it was checked against, an override in lower case is
+    // the method it names: POST + delete on the keys rule still needs
+    // sign-in, like a DELETE.
+    let res = request(
+        Method::POST,
+        &gw.url("/api/v1/keys"),
+        &[("x-http-method-override", "delete")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    // Equal values in any case and where they change nothing: forwarded.
+    let res = get(
+        &gw.url("/other"),
+        &[
+            ("x-http-method-override", "delete"),
+            ("x-method-override", "DELETE"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    // Every other spelling is removed before the policy and the app: the
+    // app never reads an override the gateway did not check.
+    let aliases = [
+        "X_HTTP_Method_Override",
+        "x-http_method-override",
+        "X_HTTP_METHOD",
+        "x_method_override",
+    ];
+    for name in aliases {
+        let res = get(&gw.url("/api/v1/keys"), &[(name, "DELETE")]).await;
+        assert_eq!(res.status, StatusCode::OK, "{name}: {}", res.text());
+        let names = cgi_names(&res);
+        for o in [
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ] {
+            assert!(
+                !names.contains(&o.to_string()),
+                "{name} reached the app as {o}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+// Protects against a request method in lower or mixed case (`delete`):
+// hyper accepts it as an extension method that no method-restricted rule
+// matches, while Django, Werkzeug and ASP.NET treat it as DELETE. Refused
+// with 400 like nginx does, over a raw socket (no client library would
+// send it).
+async fn request_method_not_in_upper_case_is_refused() {
+    let up = support::upstream::Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    for method in [
+        "delete", "Delete", "get", "pOST", "DELETe", "M-search", "DELETE1",
+    ] {
+        let req = format!(
+            "{method} /api/v1/keys HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+        );
+        let resp = raw(gw.addr, req.as_bytes()).await;
+        assert_eq!(raw_status(&resp), 400, "{method}: {resp}");
+        assert!(
+            resp.contains("\"error\":\"bad_method\""),
+            "{method}: {resp}"
+        );
+    }
+    assert_eq!(up.hits(), 0, "a lower-case method reached the upstream");
+    // Upper-case extension methods (WebDAV, SSDP) are methods like any other.
+    for method in ["PROPFIND", "M-SEARCH", "BASELINE_CONTROL"] {
+        let req = format!(
+            "{method} /assets/a.css HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+        );
+        let resp = raw(gw.addr, req.as_bytes()).await;
+        assert_eq!(raw_status(&resp), 200, "{method}: {resp}");
+    }
+    assert_eq!(up.hits(), 3);
+}
+
+/// Every spelling class of `name`: as listed, upper case, all underscores,
+/// and one underscore among dashes.
+fn spellings(name: &str) -> Vec<String> {
+    let mut out = vec![
+        name.to_string(),
+        name.to_ascii_uppercase(),
+        name.replace('-', "_"),
+    ];
+    if let Some(i) = name.rfind('-') {
+        let mut mixed = name.to_string();
+        mixed.replace_range(i..=i, "_");
+        out.push(mixed);
+    }
+    out
+}
+
+#[tokio::test]
+// Protects against a reserved or rewrite header reaching the app in a
+// spelling the gateway does not compare (CGI-style servers give
+// `X_Original_URL` and `X-Original-URL` one variable): every header in the
+// gateway's one list, in every spelling class, from a peer that is neither
+// a trusted proxy nor trusted to assert identity.
+async fn reserved_headers_are_removed_in_every_spelling() {
+    let up = support::upstream::Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let removed = [
+        // The gateway's own (and the assertion's default header name).
+        "x-stepgate-user",
+        "x-stepgate-email",
+        "x-stepgate-stepup",
+        "x-stepgate-stepup-age",
+        "x-stepgate-anything",
+        // URL rewrite and re-method.
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-forwarded-path",
+        "x-forwarded-prefix",
+        "x-forwarded-uri",
+        "x-original-method",
+        "x-forwarded-method",
+        // httpoxy.
+        "proxy",
+        // Client claims from an untrusted peer.
+        "forwarded",
+        "x-forwarded-port",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        // The trusted-identity headers of this config (trusted from
+        // 10.9.9.9 only).
+        "x-forwarded-user",
+        "x-forwarded-email",
+    ];
+    let mut sent = Vec::new();
+    for name in removed {
+        for spelling in spellings(name) {
+            sent.push((spelling, "/internal/secret".to_string()));
+        }
+    }
+    // Aliases of headers the gateway reads in their dashed spelling only.
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-second-factor-token",
+        "keep-alive",
+        "proxy-authorization",
+    ] {
+        sent.push((name.replace('-', "_"), "6.6.6.6".to_string()));
+    }
+    let sent: Vec<(&str, &str)> = sent.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let res = get(&gw.url("/assets/a.css"), &sent).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.json()["path"], "/assets/a.css");
+    let names = cgi_names(&res);
+    for name in
+        removed
+            .iter()
+            .chain(&["x-second-factor-token", "keep-alive", "proxy-authorization"])
+    {
+        assert!(
+            !names.contains(&name.to_string()),
+            "{name} reached the app: {names:?}"
+        );
+    }
+    // X-Forwarded-For/-Proto/-Host arrive once each, as the gateway saw
+    // the request.
+    for (name, want) in [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+    ] {
+        assert_eq!(res.upstream_header_all(name), vec![want], "{name}");
+        assert_eq!(names.iter().filter(|n| *n == name).count(), 1, "{name}");
+    }
+    assert_eq!(names.iter().filter(|n| *n == "x-forwarded-host").count(), 1);
+    assert!(!res.text().contains("6.6.6.6"), "{}", res.text());
+    assert!(!res.text().contains("/internal/secret"), "{}", res.text());
+}
+
+#[tokio::test]
+// The other side of the list: a trusted proxy's `X-Forwarded-*` claims and
+// a trusted peer's identity header pass in their dashed spelling, while
+// their underscore aliases and the rewrite headers are still removed.
+async fn trusted_peers_keep_their_headers_but_never_an_alias() {
+    let up = support::upstream::Upstream::start().await;
+    let yaml = config_yaml(&up.url(), CONSOLE, "")
+        .replace(
+            "  drain_timeout: 5s\n",
+            "  drain_timeout: 5s\n  trusted_proxies: [127.0.0.1/32]\n",
+        )
+        .replace("from: [10.9.9.9/32]", "from: [127.0.0.1/32]");
+    let gw = TestGateway::start(&yaml).await;
+    let res = get(
+        &gw.url("/account/me"),
+        &[
+            ("x-forwarded-user", "carol"),
+            ("X_Forwarded_User", "root"),
+            ("x-forwarded-port", "443"),
+            ("x_forwarded_port", "80"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("X_Forwarded_For", "6.6.6.6"),
+            ("x-forwarded-prefix", "/internal"),
+            ("x-real-ip", "203.0.113.7"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.upstream_header_all("x-stepgate-user"), vec!["carol"]);
+    assert_eq!(res.upstream_header_all("x-forwarded-user"), vec!["carol"]);
+    assert_eq!(res.upstream_header_all("x-forwarded-port"), vec!["443"]);
+    assert_eq!(
+        res.upstream_header_all("x-forwarded-for"),
+        vec!["203.0.113.7, 127.0.0.1"]
+    );
+    assert_eq!(res.upstream_header_all("x-real-ip"), vec!["203.0.113.7"]);
+    let names = cgi_names(&res);
+    for name in ["x-forwarded-user", "x-forwarded-port", "x-forwarded-for"] {
+        assert_eq!(
+            names.iter().filter(|n| *n == name).count(),
+            1,
+            "{name}: {names:?}"
+        );
+    }
+    assert!(!names.contains(&"x-forwarded-prefix".to_string()));
+    assert!(!res.text().contains("6.6.6.6"));
+    assert!(!res.text().contains("root"));
+}
+
+#[tokio::test]
+// Protects against a second credential beside the primary token the
+// gateway checked: an app whose parser is more lenient than the gateway's
+// (a tab or comma after `Bearer`, another scheme, a cookie name with
+// stray spaces, case, escapes or `,` separators, an `access_token` query
+// parameter) would act for whoever that credential names. Each is refused
+// with 400 ambiguous_credentials; without a primary token nothing is
+// vouched for and they pass.
+async fn look_alike_credentials_beside_the_primary_token_are_refused() {
+    let up = support::upstream::Upstream::start().await;
+    let gw = TestGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let alice = primary_token("alice", None, None, None);
+    let bob = primary_token("bob", None, None, None);
+    let auth_alice = format!("Bearer {alice}");
+    let cookie_alice = format!("access_token={alice}");
+    // Beside a bearer header: other Authorization lines.
+    for second in [
+        format!("Bearer\t{bob}"),
+        format!("Bearer,{bob}"),
+        format!("Bearer {bob}"),
+        format!("bearer {alice} {bob}"),
+        format!("JWT {bob}"),
+        format!("Token {bob}"),
+        "Basic Ym9iOnNlY3JldA==".to_string(),
+    ] {
+        let res = get(
+            &gw.url("/account/x"),
+            &[("authorization", &auth_alice), ("authorization", &second)],
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{second}");
+        assert_eq!(res.json()["error"], "ambiguous_credentials", "{second}");
+    }
+    // Beside a bearer header or the identity cookie: look-alike cookies.
+    for primary in [
+        ("authorization", auth_alice.as_str()),
+        ("cookie", cookie_alice.as_str()),
+    ] {
+        for second in [
+            format!("Access_Token={bob}"),
+            format!("ACCESS_TOKEN={bob}"),
+            format!("access_token\t={bob}"),
+            format!("\"access_token\"={bob}"),
+            format!("access%5Ftoken={bob}"),
+            format!("access_token%20={bob}"),
+            format!("access.token={bob}"),
+            format!("access token={bob}"),
+            format!("theme=dark, access_token={bob}"),
+        ] {
+            let res = get(&gw.url("/account/x"), &[primary, ("cookie", &second)]).await;
+            assert_eq!(
+                res.status,
+                StatusCode::BAD_REQUEST,
+                "{}: {second}",
+                primary.0
+            );
+            assert_eq!(res.json()["error"], "ambiguous_credentials");
+        }
+        // An access_token query parameter (RFC 6750 §2.3), in any spelling.
+        for q in [
+            "access_token",
+            "ACCESS_TOKEN",
+            "access%5Ftoken",
+            "access.token",
+        ] {
+            let res = get(&gw.url(&format!("/account/x?{q}={bob}")), &[primary]).await;
+            assert_eq!(res.status, StatusCode::BAD_REQUEST, "{}: {q}", primary.0);
+        }
+    }
+    // Beside the identity cookie: any Authorization header.
+    for second in [format!("Token {bob}"), format!("Bearer\t{bob}")] {
+        let res = get(
+            &gw.url("/account/x"),
+            &[("cookie", &cookie_alice), ("authorization", &second)],
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{second}");
+    }
+    // A non-ASCII space after the name (Django strips it), over a raw socket.
+    let mut req = format!(
+        "GET /account/x HTTP/1.1\r\nHost: app.test\r\nAuthorization: Bearer {alice}\r\nCookie: access_token"
+    )
+    .into_bytes();
+    req.extend_from_slice(b"\xa0=");
+    req.extend_from_slice(format!("{bob}\r\nConnection: close\r\n\r\n").as_bytes());
+    let resp = raw(gw.addr, &req).await;
+    assert_eq!(raw_status(&resp), 400, "{resp}");
+    assert!(resp.contains("ambiguous_credentials"), "{resp}");
+    assert_eq!(
+        up.hits(),
+        0,
+        "a request with two credentials reached the app"
+    );
+
+    // The same token twice, unrelated cookies and parameters: one credential.
+    for extra in [
+        ("authorization", auth_alice.clone()),
+        ("cookie", cookie_alice.clone()),
+        (
+            "cookie",
+            "access_token_old=x; theme=a,b; token=y".to_string(),
+        ),
+    ] {
+        let res = get(
+            &gw.url("/account/x?token=1&access_tokens=2"),
+            &[("authorization", &auth_alice), (extra.0, &extra.1)],
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::OK, "{extra:?}: {}", res.text());
+        assert_eq!(res.upstream_header_all("x-stepgate-user"), vec!["alice"]);
+    }
+    // Without a primary token the gateway vouches for nobody: a look-alike
+    // alone passes a public route unchanged and gets no identity.
+    let token_bob = format!("Token {bob}");
+    let res = get(&gw.url("/assets/a.css"), &[("authorization", &token_bob)]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(
+        res.upstream_header_all("authorization"),
+        vec![token_bob.clone()]
+    );
+    assert!(res.upstream_header_all("x-stepgate-user").is_empty());
+    let res = get(&gw.url("/account/x"), &[("authorization", &token_bob)]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+
+    // With `from: [header]` the cookie is not read, so any cookie of that
+    // name beside the bearer header is a second credential.
+    let yaml = config_yaml(&up.url(), CONSOLE, "").replace(
+        "    algorithms: [HS256]\n",
+        "    algorithms: [HS256]\n    from: [header]\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let res = get(
+        &gw.url("/account/x"),
+        &[("authorization", &auth_alice), ("cookie", &cookie_alice)],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    let res = get(&gw.url("/account/x"), &[("authorization", &auth_alice)]).await;
+    assert_eq!(res.status, StatusCode::OK);
+}
+
 // ------------------------------------------------ second-factor decisions
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
