@@ -1,5 +1,8 @@
 //! Accept loop, TLS termination, HTTP/1.1 + HTTP/2 serving, graceful
-//! shutdown.
+//! shutdown. Plain HTTP/1.1 connections give their HTTP buffers back
+//! while idle between requests (`park.rs`).
+
+mod park;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,6 +31,17 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     let cfg =
         tls_server_config(certs, key).map_err(|e| format!("{}: {e}", files.cert.display()))?;
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// The HTTP/1.1 connection builder for plain connections (see `park.rs`),
+/// with the same limits as [`http_builder`]'s.
+fn http1_builder(cfg: &Config) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(cfg.listen.header_read_timeout)
+        .max_buf_size(cfg.listen.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b
 }
 
 /// The HTTP connection builder with the configured limits.
@@ -60,6 +74,7 @@ pub async fn serve(
         None => None,
     };
     let builder = Arc::new(http_builder(&cfg));
+    let http1 = Arc::new(http1_builder(&cfg));
     let graceful = GracefulShutdown::new();
     // At most `max_connections` client connections at once: past it the
     // loop stops accepting, so new connections wait in the kernel's listen
@@ -92,6 +107,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         let builder = builder.clone();
+        let http1 = http1.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
         let mut stopping = stopping.clone();
@@ -113,19 +129,30 @@ pub async fn serve(
                 peer,
                 tls: tls.is_some(),
             };
-            let svc = TowerToHyperService::new(GatewayService {
-                gateway: gateway.clone(),
-                conn,
-            });
             match tls {
                 Some(acceptor) => {
+                    let svc = TowerToHyperService::new(GatewayService {
+                        gateway: gateway.clone(),
+                        conn,
+                    });
                     Box::pin(serve_tls(acceptor, stream, peer, &builder, svc, watcher)).await
                 }
-                None => {
+                None if may_be_h2(&stream).await => {
+                    // HTTP/2 with prior knowledge (or too little sent to
+                    // tell): hyper-util's builder tells the two apart.
+                    let svc = TowerToHyperService::new(GatewayService {
+                        gateway: gateway.clone(),
+                        conn,
+                    });
                     let fut = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     if let Err(e) = watcher.watch(fut.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                }
+                None => {
+                    // Held, not used: shutdown waits for this connection.
+                    let _watcher = watcher;
+                    serve_parking(&gateway, stream, conn, &http1, idle_first_read, stopping).await
                 }
             }
             gateway.metrics.connection_closed();
@@ -141,6 +168,104 @@ pub async fn serve(
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
     Ok(())
+}
+
+/// The bytes every HTTP/2 prior-knowledge connection starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether what the client sent so far may be the start of HTTP/2 (the
+/// preface, or a prefix of it).
+async fn may_be_h2(stream: &tokio::net::TcpStream) -> bool {
+    let mut head = [0u8; H2_PREFACE.len()];
+    match stream.peek(&mut head).await {
+        Ok(n) => H2_PREFACE.starts_with(&head[..n]),
+        Err(_) => true,
+    }
+}
+
+/// Serve a plain HTTP/1.1 connection, one hyper connection per busy
+/// period: when hyper's connection ends because the client went idle
+/// (`park.rs`), wait on the bare socket (bounded by the idle deadline and
+/// shutdown) and start the next one.
+async fn serve_parking(
+    gateway: &Arc<Gateway>,
+    stream: tokio::net::TcpStream,
+    conn: ClientConn,
+    http1: &hyper::server::conn::http1::Builder,
+    idle_deadline: Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let activity = Arc::new(park::Activity::default());
+    let mut io = park::ParkIo::new(stream, activity.clone());
+    // When a request head that began before a park must be complete: a
+    // head sent slowly across parks still meets one deadline (slowloris).
+    let mut head_deadline: Option<(u64, tokio::time::Instant)> = None;
+    loop {
+        let svc = park::ParkedService {
+            gateway: gateway.clone(),
+            conn,
+            activity: activity.clone(),
+        };
+        // Boxed: an idle connection's task then holds only the socket.
+        let mut hyper_conn = Box::new(
+            http1
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades(),
+        );
+        let mut result = tokio::select! {
+            r = &mut *hyper_conn => Some(r),
+            _ = stopping.wait_for(|s| *s) => None,
+        };
+        if result.is_none() {
+            // Finish the request in flight, answer with `Connection: close`.
+            std::pin::Pin::new(&mut *hyper_conn).graceful_shutdown();
+            result = Some((&mut *hyper_conn).await);
+        }
+        let Some(parts) = hyper_conn.into_parts() else {
+            return; // upgraded: hyper handed the socket to the tunnel
+        };
+        io = parts.io.into_inner();
+        match result {
+            Some(Ok(())) if io.parked() => {}
+            // Part of a pipelined request's head had arrived: hyper calls
+            // the early end-of-stream an incomplete message; the bytes are
+            // kept below.
+            Some(Err(e)) if io.parked() && e.is_incomplete_message() => {}
+            Some(Err(e)) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+                return;
+            }
+            // The client closed, or hyper closed (shutdown, `Connection:
+            // close`, a refused head).
+            _ => return,
+        }
+        let now = tokio::time::Instant::now();
+        let wait = if parts.read_buf.is_empty() {
+            head_deadline = None;
+            idle_deadline
+        } else {
+            let served = activity.generation();
+            let at = match head_deadline {
+                Some((gen, at)) if gen == served => at,
+                _ => now + idle_deadline,
+            };
+            head_deadline = Some((served, at));
+            at.saturating_duration_since(now)
+        };
+        io.resume(parts.read_buf);
+        if *stopping.borrow() {
+            return;
+        }
+        gateway.metrics.connection_parked(true);
+        let readable = tokio::select! {
+            r = tokio::time::timeout(wait, io.stream().readable()) => matches!(r, Ok(Ok(()))),
+            _ = stopping.wait_for(|s| *s) => false,
+        };
+        gateway.metrics.connection_parked(false);
+        if !readable {
+            return;
+        }
+    }
 }
 
 /// Serve one TLS connection (boxed by the caller, so plain connections
@@ -204,22 +329,32 @@ where
         std::task::Poll::Ready(Ok(()))
     }
 
-    /// Serve one request. A panic (a bug) becomes a short 500 instead of a
-    /// dropped connection; nothing is forwarded from a request that panicked.
     fn call(&mut self, req: http::Request<B>) -> ResponseFuture {
-        use futures_util::FutureExt;
         let (gw, conn) = (self.gateway.clone(), self.conn);
-        Box::pin(async move {
-            match std::panic::AssertUnwindSafe(gw.handle(req, conn))
-                .catch_unwind()
-                .await
-            {
-                Ok(res) => Ok(res),
-                Err(_) => {
-                    tracing::error!("request handler panicked");
-                    Ok(crate::gateway::rescue::panicked())
-                }
-            }
-        })
+        Box::pin(async move { Ok(handle_catching(gw, req, conn).await) })
+    }
+}
+
+/// Serve one request. A panic (a bug) becomes a short 500 instead of a
+/// dropped connection; nothing is forwarded from a request that panicked.
+async fn handle_catching<B>(
+    gw: Arc<Gateway>,
+    req: http::Request<B>,
+    conn: ClientConn,
+) -> http::Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(gw.handle(req, conn))
+        .catch_unwind()
+        .await
+    {
+        Ok(res) => res,
+        Err(_) => {
+            tracing::error!("request handler panicked");
+            crate::gateway::rescue::panicked()
+        }
     }
 }

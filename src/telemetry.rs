@@ -211,6 +211,7 @@ pub struct Metrics {
     duration: Histogram,
     audit: Family<AuditLabels, Counter>,
     connections: Gauge<i64, std::sync::atomic::AtomicI64>,
+    parked: Gauge<i64, std::sync::atomic::AtomicI64>,
     reloads: Family<EventLabels, Counter<u64, AtomicU64>>,
     sends_refused: Family<RefusedLabels, Counter>,
     jwks_fetches: Family<ResultLabels, Counter<u64, AtomicU64>>,
@@ -257,6 +258,12 @@ impl Metrics {
             "Open client connections",
             connections.clone(),
         );
+        let parked = Gauge::default();
+        registry.register(
+            "parked_connections",
+            "Open client connections idle between requests, holding no HTTP buffers",
+            parked.clone(),
+        );
         let reloads = Family::<EventLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -299,6 +306,7 @@ impl Metrics {
             duration,
             audit,
             connections,
+            parked,
             reloads,
         }
     }
@@ -320,6 +328,16 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections.dec();
+    }
+
+    /// An idle connection gave its HTTP buffers back (`parked: true`) or
+    /// is being served again (`false`).
+    pub fn connection_parked(&self, parked: bool) {
+        if parked {
+            self.parked.inc();
+        } else {
+            self.parked.dec();
+        }
     }
 
     /// A code not sent, and why.

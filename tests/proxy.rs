@@ -484,6 +484,21 @@ async fn websocket_echo_through_gateway() {
             .as_str(),
         "hello through stepgate"
     );
+    // A tunnel idle for longer than a keep-alive connection may be is
+    // still a tunnel (never parked as idle HTTP).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ws.send(Message::text("after a pause")).await.expect("send");
+    let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time");
+    assert_eq!(
+        msg.expect("message")
+            .expect("ok")
+            .into_text()
+            .expect("text")
+            .as_str(),
+        "after a pause"
+    );
 }
 
 /// A `/proc/self/status` memory figure of this process (`VmRSS`: resident
@@ -642,6 +657,142 @@ async fn max_connections_makes_new_connections_wait() {
     // The first connection is still served on its kept-alive socket.
     open[0].write_all(req).await.expect("write");
     assert_eq!(raw_status(&read_head(&mut open[0]).await), 200);
+}
+
+/// Read one whole response (head and `Content-Length` body) from a
+/// kept-alive connection: its status and body.
+async fn read_response(s: &mut tokio::net::TcpStream) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "connection closed before a response");
+        out.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&out[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    while out.len() < head_end + len {
+        let n = s.read(&mut buf).await.expect("read body");
+        assert!(n > 0, "connection closed inside a body");
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(out.len(), head_end + len, "bytes past the response");
+    let body = String::from_utf8_lossy(&out[head_end..]).into_owned();
+    (raw_status(&head), body)
+}
+
+/// Wait until the gateway's metrics show `line`.
+async fn wait_metric(gw: &TestGateway, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = get(&gw.admin_url("/metrics"), &[]).await.text();
+        if m.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed {line:?}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+// Idle keep-alive connections give their HTTP buffers back (the memory
+// bound of #8) and are served again on the same socket; the bytes of a
+// pipelined request that had partly arrived survive the park, and nothing
+// mid-exchange is ever cut (a slow upload, a slow upstream).
+async fn idle_keep_alive_connections_park_and_resume() {
+    use tokio::io::AsyncWriteExt;
+    let (_up, gw) = setup().await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /assets/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{body}");
+    wait_metric(&gw, "stepgate_parked_connections 1").await;
+
+    s.write_all(b"GET /assets/b HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"path\":\"/assets/b\""), "{body}");
+
+    // One request whole and the next one's head cut short, in one write.
+    s.write_all(b"GET /assets/c HTTP/1.1\r\nHost: x\r\n\r\nGET /assets/d HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"path\":\"/assets/c\""), "{body}");
+    wait_metric(&gw, "stepgate_parked_connections 1").await;
+    s.write_all(b"st: x\r\n\r\n").await.expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"path\":\"/assets/d\""), "{body}");
+
+    // An upload that pauses longer than the idle period is not cut.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.write_all(b"67890").await.expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!((status, body.as_str()), (200, "{\"received\":10}"));
+
+    // Nor is an upstream that takes longer than the idle period to answer.
+    s.write_all(b"GET /slow?ms=700 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!((status, body.as_str()), (200, "slow done"));
+    wait_metric(&gw, "stepgate_open_connections 1").await;
+
+    // A head trickled in a byte at a time, each pause long enough to park,
+    // still has to be complete within header_read_timeout (2s): the
+    // connection is cut long before the 6s trickle ends.
+    s.write_all(b"GET /assets/e HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let (mut rd, mut wr) = s.into_split();
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut sink = Vec::new();
+        let _ = rd.read_to_end(&mut sink).await;
+        sink
+    });
+    let mut sent = 0;
+    while sent < 15 && !reader.is_finished() {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if wr.write_all(b"a").await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(sent < 15, "a trickled head held the connection for 6s");
+    let answer = reader.await.expect("reader");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    wait_metric(&gw, "stepgate_parked_connections 0").await;
+    wait_metric(&gw, "stepgate_open_connections 0").await;
 }
 
 /// A dev CA and a server certificate for localhost, made by the script
