@@ -428,6 +428,7 @@ mod sf_tests {
         let cfg = Config::from_yaml(std::path::Path::new("t.yaml"), &yaml, &Default::default())
             .unwrap_or_else(|e| panic!("{e}"));
         let sf = crate::token::Tokens::new(&cfg.stepup.token)
+            .unwrap_or_else(|e| panic!("{e}"))
             .issue("alice", "sid:1", crate::channel::Channel::Email)
             .unwrap_or_default();
         let auth = Authenticator::new(&cfg.identity, &Default::default(), None)

@@ -66,36 +66,38 @@ pub enum TokenError {
     Expired,
 }
 
-/// How second-factor tokens are signed.
+/// How second-factor tokens are signed: key material as the config gives
+/// it; [`Tokens::new`] loads it.
 #[derive(Clone)]
 pub enum SigningKey {
+    /// An HS256 secret.
     Hs256(Vec<u8>),
-    /// An Ed25519 or P-256 private key (PEM) and its public half.
-    Pem {
-        algorithm: Algorithm,
-        encoding: EncodingKey,
-        decoding: DecodingKey,
-    },
+    /// An Ed25519 or P-256 private key, PKCS#8 PEM.
+    Pem(Vec<u8>),
 }
 
 impl SigningKey {
-    /// The key in a PKCS#8 private key PEM, Ed25519 or P-256.
-    pub fn from_pem(pem: &[u8]) -> Result<SigningKey, String> {
+    /// The algorithm and the signing and verifying keys.
+    pub fn load(&self) -> Result<(Algorithm, EncodingKey, DecodingKey), String> {
+        let pem = match self {
+            SigningKey::Hs256(secret) => {
+                return Ok((
+                    Algorithm::HS256,
+                    EncodingKey::from_secret(secret),
+                    DecodingKey::from_secret(secret),
+                ))
+            }
+            SigningKey::Pem(pem) => pem,
+        };
         let text = String::from_utf8_lossy(pem);
         // The PEM does not name its curve; try each kind.
         if let Ok(encoding) = EncodingKey::from_ed_pem(pem) {
-            return Ok(SigningKey::Pem {
-                algorithm: Algorithm::EdDSA,
-                encoding,
-                decoding: ed25519_public_from_private_pem(&text)?,
-            });
+            let decoding = ed25519_public_from_private_pem(&text)?;
+            return Ok((Algorithm::EdDSA, encoding, decoding));
         }
         if let Ok(encoding) = EncodingKey::from_ec_pem(pem) {
-            return Ok(SigningKey::Pem {
-                algorithm: Algorithm::ES256,
-                encoding,
-                decoding: p256_public_from_private_pem(&text)?,
-            });
+            let decoding = p256_public_from_private_pem(&text)?;
+            return Ok((Algorithm::ES256, encoding, decoding));
         }
         Err("expected an Ed25519 or P-256 private key in PKCS#8 PEM".into())
     }
@@ -124,19 +126,10 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    pub fn new(cfg: &Settings) -> Tokens {
-        let (algorithm, encoding, decoding) = match &cfg.signing_key {
-            SigningKey::Hs256(secret) => (
-                Algorithm::HS256,
-                EncodingKey::from_secret(secret),
-                DecodingKey::from_secret(secret),
-            ),
-            SigningKey::Pem {
-                algorithm,
-                encoding,
-                decoding,
-            } => (*algorithm, encoding.clone(), decoding.clone()),
-        };
+    /// Load the signing key and build the validation; fails on a key
+    /// that does not load (the config loader reports that first).
+    pub fn new(cfg: &Settings) -> Result<Tokens, String> {
+        let (algorithm, encoding, decoding) = cfg.signing_key.load()?;
         let mut validation = Validation::new(algorithm);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
@@ -144,13 +137,13 @@ impl Tokens {
         // `exp` is checked in whole seconds: a token is accepted while
         // `floor(now) <= exp + LEEWAY_SECS`; see `mark_ttl`.
         validation.leeway = LEEWAY_SECS;
-        Tokens {
+        Ok(Tokens {
             algorithm,
             encoding,
             decoding,
             lifetime: cfg.lifetime,
             validation,
-        }
+        })
     }
 
     pub fn lifetime(&self) -> Duration {
@@ -280,6 +273,7 @@ mod tests {
             cookie: "stepgate_sf".into(),
             header: http::HeaderName::from_static("x-second-factor-token"),
         })
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -390,19 +384,14 @@ mod tests {
             .to_pkcs8_pem(Default::default())
             .map(|p| p.to_string())
             .unwrap_or_default();
-        let decoding = ed25519_public_from_private_pem(&pem).unwrap_or_else(|e| panic!("{e}"));
-        let encoding = EncodingKey::from_ed_pem(pem.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         let t = Tokens::new(&Settings {
-            signing_key: SigningKey::Pem {
-                algorithm: Algorithm::EdDSA,
-                encoding,
-                decoding,
-            },
+            signing_key: SigningKey::Pem(pem.into_bytes()),
             secret: vec![7; 32],
             lifetime: Duration::from_secs(60),
             cookie: "c".into(),
             header: http::HeaderName::from_static("x-t"),
-        });
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
         let tok = t.issue("bob", "s", Channel::Email).unwrap_or_default();
         assert_eq!(t.verify(&tok).map(|s| s.subject), Ok("bob".to_string()));
     }

@@ -1,6 +1,6 @@
 //! The build step, separate from validation: every runtime object `run`
 //! builds from the settings (the listener's TLS config, CA roots, the
-//! notifiers, the Redis client) is built here once, by the code of the
+//! notifiers, the Redis client, the token signing key) is built here once, by the code of the
 //! module that owns it, and dropped. What a constructor refuses is a
 //! problem at the key that names it, so `stepgate check` refuses exactly
 //! what `run` would.
@@ -18,6 +18,7 @@ use crate::delivery::email::{EmailNotifier, EmailSettings};
 use crate::delivery::sms::{SmsNotifier, SmsSettings};
 use crate::store::Settings as StoreSettings;
 use crate::tls::{tls_certs, tls_key, tls_server_config, TlsFiles};
+use crate::token::SigningKey;
 
 /// A runtime object to build from validated settings.
 pub(super) enum Build {
@@ -29,6 +30,8 @@ pub(super) enum Build {
     Email(EmailSettings),
     /// `stepup.sms`: the SMS notifier, with its timeout.
     Sms(SmsSettings, Duration),
+    /// `stepup.token.signing_key_file`: the token signing key from its PEM.
+    TokenKey(PathBuf, SigningKey),
     /// `store`: the Redis client (it connects lazily, so Redis need not be
     /// up).
     Store(StoreSettings),
@@ -59,6 +62,14 @@ pub(super) fn check(v: &mut Validator<'_>) {
                 }
             }
             Build::Store(settings) => store(v, &settings),
+            Build::TokenKey(path, key) => {
+                if let Err(e) = key.load() {
+                    v.problem(
+                        "stepup.token.signing_key_file",
+                        format!("{}: {e}", path.display()),
+                    );
+                }
+            }
         }
     }
 }

@@ -13,12 +13,13 @@
 //!    their line and column.
 //! 3. `validate/` walks the raw structs once, one file per section, collects
 //!    *every* semantic problem, and builds the typed `Config` only when
-//!    there is none. Of runtime objects it builds only keys, each with its
-//!    module's loader (`identity::JwtKeys`, `token::SigningKey`,
-//!    `assertion::AssertionSettings`), as the settings carry them.
+//!    there is none. Of runtime objects it builds only the keys the
+//!    settings carry loaded, each with its module's loader
+//!    (`identity::JwtKeys`, `assertion::AssertionSettings`).
 //! 4. `build.rs` builds once what `run` will build from the validated
-//!    settings (TLS, CA roots, notifiers, the Redis client), with the code
-//!    of the module that owns it, so `check` refuses what `run` would.
+//!    settings (TLS, CA roots, notifiers, the Redis client, the token
+//!    signing key), with the code of the module that owns it, so `check`
+//!    refuses what `run` would.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -166,7 +166,7 @@ impl Stepup {
             sms_budget: cfg.budget.sms_per_hour,
         };
         Ok(Stepup {
-            tokens: Tokens::new(&cfg.token),
+            tokens: Tokens::new(&cfg.token)?,
             cfg,
             store,
             email,

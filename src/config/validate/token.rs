@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::Validator;
+use crate::config::build::Build;
 use crate::config::raw;
 use crate::token::{Settings, SigningKey};
 
@@ -57,16 +58,9 @@ pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Settings>
             let path = v.path(&f.0);
             match std::fs::read(&path) {
                 Ok(bytes) if bytes.starts_with(b"-----BEGIN") => {
-                    match SigningKey::from_pem(&bytes) {
-                        Ok(k) => Some((k, bytes)),
-                        Err(e) => {
-                            v.problem(
-                                "stepup.token.signing_key_file",
-                                format!("{}: {e}", path.display()),
-                            );
-                            None
-                        }
-                    }
+                    let key = SigningKey::Pem(bytes.clone());
+                    v.build(Build::TokenKey(path, key.clone()));
+                    Some((key, bytes))
                 }
                 Ok(bytes) => {
                     let s = String::from_utf8_lossy(&bytes).trim_end().to_string();
