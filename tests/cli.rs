@@ -5,12 +5,11 @@
 
 mod support;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use http::StatusCode;
+use support::eventually;
 use support::gateway::{
     config_yaml, get, primary_token, run_cli, BinaryGateway, TestResponse, CONSOLE, JWT_SECRET,
 };
@@ -142,25 +141,6 @@ fn check_ok(yaml: &str) -> String {
     let (code, out, err) = run_cli(&["check", "-c", &file.path()], None, &[]);
     assert_eq!(code, 0, "check must pass\nstderr:\n{err}");
     out
-}
-
-/// Poll `f` every 50 ms until it holds; fail after 10 s.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after 10s waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Make a P-256 key pair (PKCS#8 private, SPKI public) with the openssl CLI.

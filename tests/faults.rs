@@ -14,7 +14,6 @@
 
 mod support;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,28 +25,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 
 use support::flow::*;
 use support::gateway::*;
 use support::http_sink::HttpSink;
 use support::upstream::Upstream;
-
-/// Longest any test here waits for a condition before failing.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Polls `f` until it is true, failing the test after `PATIENCE`.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while !f().await {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use support::{eventually, PATIENCE};
 
 /// One request; `Err` for a connection-level failure (no response).
 async fn try_request(

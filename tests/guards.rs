@@ -4,6 +4,7 @@
 //! in-process or as the binary, a real SMTP server, a real redis-server, a
 //! real echo upstream that reports every header line it received.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -689,21 +690,6 @@ async fn freshness_refuses_a_factor_older_than_max_age() {
             .status,
         StatusCode::OK
     );
-}
-
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(false).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                super::$name(true).await
-            }
-        }
-    )*};
 }
 
 both_stores!(lockout_refuses_verification_of_a_correct_code,);

@@ -7,7 +7,7 @@ mod support;
 use serde_json::json;
 use support::assertion::{private_key, served_jwks, verify_assertion, verify_with};
 use support::eventually;
-use support::gateway::{get, metric, wait_ready, TestGateway, TestResponse};
+use support::gateway::{config_problems, get, metric, wait_ready, TestGateway, TestResponse};
 use support::oidc::{gateway_yaml as yaml, signed_in, user, OidcProvider, AUDIENCE};
 use support::upstream::Upstream;
 
@@ -286,14 +286,7 @@ fn provider_key_config_errors() {
         let text = format!(
             "upstream: {{ url: http://127.0.0.1:1 }}\nstepup:\n  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}\nidentity:\n  jwt:\n{jwt}\n"
         );
-        match stepgate::Config::from_yaml(
-            std::path::Path::new("g.yaml"),
-            &text,
-            &Default::default(),
-        ) {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        }
+        config_problems(&text)
     };
     assert_eq!(check("    issuer: https://idp.example.com"), "");
     assert_eq!(check("    jwks_url: https://idp.example.com/jwks"), "");
@@ -434,14 +427,7 @@ fn idp_rule_config_errors() {
         let text = format!(
             "upstream: {{ url: http://127.0.0.1:1 }}\nstepup:\n  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}\nidentity:\n  jwt: {{ issuer: https://idp.example.com }}\nroutes:\n  - path: /x\n    stepup: {stepup}\n"
         );
-        match stepgate::Config::from_yaml(
-            std::path::Path::new("g.yaml"),
-            &text,
-            &Default::default(),
-        ) {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        }
+        config_problems(&text)
     };
     assert_eq!(check("{ max_age: 5m, idp: { amr: [mfa] } }"), "");
     let e = check("{ max_age: 5m, idp: {} }");
@@ -604,32 +590,12 @@ async fn assertion_config() {
     assert_eq!(get(&gw.admin_url("/jwks.json"), &[]).await.status, 404);
 
     let keys = tempfile::tempdir().expect("tempdir");
-    let rsa = keys.path().join("rsa.pem");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&rsa)
-        .output()
-        .expect("openssl");
-    assert!(out.status.success());
+    let rsa = private_key(keys.path(), "rsa");
     let check = |assertion: String| -> String {
         let text = format!(
             "upstream: {{ url: http://127.0.0.1:1, assertion: {assertion} }}\nstepup:\n  token: {{ signing_key: test-stepup-signing-key-0123456789abcdef }}\n"
         );
-        match stepgate::Config::from_yaml(
-            std::path::Path::new("g.yaml"),
-            &text,
-            &Default::default(),
-        ) {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        }
+        config_problems(&text)
     };
     let ed = private_key(keys.path(), "ed25519");
     assert_eq!(

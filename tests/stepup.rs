@@ -3,6 +3,7 @@
 //! Every behaviour test runs twice: on the in-memory store and on a real
 //! redis-server started for the test.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -15,21 +16,6 @@ use support::flow::*;
 use support::gateway::*;
 use support::http_sink::HttpSink;
 use support::smtp::extract_code;
-
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(false).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                super::$name(true).await
-            }
-        }
-    )*};
-}
 
 both_stores!(
     email_flow_end_to_end,

@@ -8,14 +8,17 @@ use serde_json::Value;
 
 use super::gateway::{get, TestGateway};
 
-/// A fresh private key from openssl: `ed25519` or `p256` (PKCS#8 PEM).
+/// A fresh private key from openssl: `ed25519`, `p256` or `rsa` (2048
+/// bits, which the assertion refuses), as PKCS#8 PEM.
 pub fn private_key(dir: &Path, kind: &str) -> PathBuf {
     let path = dir.join(format!("{kind}-{}.pem", stepgate::otp::random_id()));
     let mut cmd = std::process::Command::new("openssl");
     cmd.arg("genpkey");
     match kind {
         "ed25519" => cmd.args(["-algorithm", "ed25519"]),
-        _ => cmd.args(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        "p256" => cmd.args(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        "rsa" => cmd.args(["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+        _ => panic!("unknown key kind {kind}"),
     };
     let out = cmd.arg("-out").arg(&path).output().expect("openssl runs");
     assert!(

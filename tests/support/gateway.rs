@@ -85,6 +85,15 @@ pub fn load(yaml: &str) -> Config {
         .unwrap_or_else(|e| panic!("test config invalid:\n{e}"))
 }
 
+/// Every problem `Config::from_yaml` reports for `yaml` as the file
+/// `g.yaml` (`FILE:LINE:COL: key: message` lines), empty when it is valid.
+pub fn config_problems(yaml: &str) -> String {
+    match Config::from_yaml(Path::new("g.yaml"), yaml, &Default::default()) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// An in-process gateway on ephemeral ports.
 pub struct TestGateway {
     pub running: Option<Running>,

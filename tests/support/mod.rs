@@ -3,6 +3,25 @@
 //! OS and stopped when dropped.
 #![allow(dead_code)]
 
+/// `both_stores!(f, g)`: for each `async fn f(redis: bool)`, a module `f`
+/// with the tests `memory` (in-memory store) and `redis` (a real
+/// redis-server). Use with `#[macro_use] mod support;`.
+#[allow(unused_macros)]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(false).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
 pub mod assertion;
 pub mod browser;
 pub mod cluster;
