@@ -36,43 +36,174 @@ pub struct LogSettings {
 /// than stalling requests.
 pub const LOG_QUEUE_LINES: usize = 65_536;
 
+/// How long the writer gathers lines after the first one of a batch
+/// before writing them all: one `write(2)` and one thread wake-up per
+/// batch, not per line.
+const LOG_BATCH_WINDOW: Duration = Duration::from_millis(5);
+
 /// Lines the log writer dropped because its queue was full.
-static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
-    std::sync::OnceLock::new();
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Log lines dropped so far because the sink (stderr) could not keep up.
 pub fn dropped_log_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    DROPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Keeps the log writer thread alive; dropping it flushes what is queued.
+/// Keeps the log writer thread alive; dropping it writes what is queued
+/// and stops the thread.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
-    _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
+    writer: Option<(Arc<LogQueue>, std::thread::JoinHandle<()>)>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if let Some((queue, thread)) = self.writer.take() {
+            queue.close();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Formatted lines waiting for the writer thread: one growing buffer that
+/// the writer swaps for an empty one and writes whole.
+struct LogQueue {
+    state: std::sync::Mutex<Pending>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    lines: usize,
+    closed: bool,
+}
+
+impl LogQueue {
+    fn new() -> LogQueue {
+        LogQueue {
+            state: std::sync::Mutex::new(Pending::default()),
+            wake: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Queue one formatted line (never blocks on the sink).
+    fn push(&self, line: &[u8]) {
+        let mut p = match self.state.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if p.lines >= LOG_QUEUE_LINES {
+            drop(p);
+            DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let first = p.lines == 0;
+        p.bytes.extend_from_slice(line);
+        p.lines += 1;
+        drop(p);
+        // Only the first line of a batch wakes the writer.
+        if first {
+            self.wake.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        let mut p = match self.state.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        p.closed = true;
+        drop(p);
+        self.wake.notify_one();
+    }
+
+    /// The writer thread: wait for a line, let a batch gather, write it
+    /// in one go; until closed and drained.
+    fn run(&self, mut sink: impl std::io::Write) {
+        let mut spare = Vec::new();
+        loop {
+            let mut p = match self.state.lock() {
+                Ok(p) => p,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            while p.lines == 0 && !p.closed {
+                p = match self.wake.wait(p) {
+                    Ok(p) => p,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+            }
+            if p.lines == 0 && p.closed {
+                return;
+            }
+            if !p.closed {
+                drop(p);
+                std::thread::sleep(LOG_BATCH_WINDOW);
+                p = match self.state.lock() {
+                    Ok(p) => p,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+            }
+            std::mem::swap(&mut p.bytes, &mut spare);
+            p.lines = 0;
+            drop(p);
+            // A failing sink loses this batch; there is nowhere to say so.
+            let _ = sink.write_all(&spare);
+            let _ = sink.flush();
+            spare.clear();
+            // Do not keep a burst's memory for good.
+            if spare.capacity() > 4 << 20 {
+                spare = Vec::new();
+            }
+        }
+    }
+}
+
+/// The `MakeWriter` of the log subscriber: each event's line is written
+/// in one `write_all`, which queues it.
+#[derive(Clone)]
+struct QueueWriter(Arc<LogQueue>);
+
+impl std::io::Write for QueueWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.push(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueueWriter {
+    type Writer = QueueWriter;
+
+    fn make_writer(&'a self) -> QueueWriter {
+        self.clone()
+    }
 }
 
 /// Install the global tracing subscriber. `RUST_LOG` overrides the level.
 ///
-/// Lines are formatted on the thread that logs and handed to one writer
-/// thread through a bounded queue ([`LOG_QUEUE_LINES`]); the writer batches
-/// them into few `write(2)` calls. A request never waits for stderr: when
-/// the queue is full the line is dropped and counted. Keep the returned
-/// guard until exit so queued lines are flushed.
+/// Lines are formatted on the thread that logs and appended to one queue
+/// ([`LOG_QUEUE_LINES`] lines at most); one writer thread takes everything
+/// queued every few milliseconds and writes it with one `write(2)`. A
+/// request never waits for stderr: when the queue is full the line is
+/// dropped and counted. Keep the returned guard until exit so queued
+/// lines are written.
 pub fn init_logging(log: &LogSettings) -> LogGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("stepgate-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let counter = writer.error_counter();
+    let queue = Arc::new(LogQueue::new());
+    let writer = QueueWriter(queue.clone());
     // Colours only for a terminal: log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -83,9 +214,21 @@ pub fn init_logging(log: &LogSettings) -> LogGuard {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    if installed.is_err() || DROPPED.set(counter).is_err() {
-        return LogGuard { _worker: None };
+    if installed.is_err() {
+        return LogGuard { writer: None };
     }
+    let worker = queue.clone();
+    let thread = match std::thread::Builder::new()
+        .name("stepgate-log".into())
+        .spawn(move || worker.run(std::io::stderr()))
+    {
+        Ok(t) => t,
+        Err(e) => {
+            // No writer thread: lines would only pile up; say so once.
+            eprintln!("stepgate: cannot start the log writer thread: {e}");
+            return LogGuard { writer: None };
+        }
+    };
     // Say so when lines were lost (the warning itself goes through the
     // queue, so it arrives once the sink catches up).
     let _ = std::thread::Builder::new()
@@ -106,7 +249,7 @@ pub fn init_logging(log: &LogSettings) -> LogGuard {
             }
         });
     LogGuard {
-        _worker: Some(worker),
+        writer: Some((queue, thread)),
     }
 }
 
