@@ -4,6 +4,8 @@
 #   bench/run.sh                 # full run (about 25 minutes on 2 cores)
 #   QUICK=1 bench/run.sh         # fewer, shorter rounds (about 6 minutes)
 #   ONLY='pass|idle' bench/run.sh   # only scenarios whose name matches
+#     (names: pass-through, identity, step-up, one_time, fixed-rate, idle,
+#     startup, micro)
 #
 # Installs what is missing (wrk, nginx-light, redis-server, python3 from
 # Debian; oha with `cargo install`), builds a release binary, and measures
@@ -530,6 +532,29 @@ PY
   done
 fi
 
+# --- criterion micro-benchmarks (benches/hot_path.rs) -------------------
+# 200-rule normalise + match, primary token verification (cache hit and
+# miss), the second-factor check: medians from criterion's estimates.
+if want "micro"; then
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+  cargo bench --quiet --bench hot_path -- --noplot >&2
+  python3 - "$CARGO_TARGET_DIR/criterion" > "$work/micro.md" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+rows = []
+for dirpath, _, files in os.walk(root):
+    if dirpath.endswith(os.sep + "new") and "estimates.json" in files and "benchmark.json" in files:
+        b = json.load(open(os.path.join(dirpath, "benchmark.json")))
+        e = json.load(open(os.path.join(dirpath, "estimates.json")))
+        rows.append((b.get("full_id") or b.get("title"), e["median"]["point_estimate"]))
+if rows:
+    print("\n| micro-benchmark (criterion) | median |")
+    print("|---|---|")
+    for name, ns in sorted(rows):
+        print(f"| {name} | {ns / 1000:,.2f} µs |" if ns >= 1000 else f"| {name} | {ns:,.0f} ns |")
+PY
+fi
+
 # --- the table ------------------------------------------------------------
 python3 - "$results" "$work/idle.tsv" "$work/startup.tsv" "$ROUNDS" "$SECS" "$CONNS" > "$work/table.md" <<'PY'
 import sys, statistics as st, math, os, platform
@@ -574,6 +599,7 @@ if os.path.exists(startup) and os.path.getsize(startup):
     print(f"\nStart-up to ready (`/readyz` 200) with a 200-rule policy: median {st.median(xs):.1f} ms "
           f"(spread {min(xs):.1f}–{max(xs):.1f} ms, {len(xs)} runs).")
 PY
+[ -s "$work/micro.md" ] && cat "$work/micro.md" >> "$work/table.md"
 cat "$work/table.md"
 [ -n "${OUT:-}" ] && cp "$work/table.md" "$OUT"
 exit 0
