@@ -300,10 +300,16 @@ done
 primary_hs=$("$bin" token -c "$work/stepgate-hs-mem-on.yaml" --sub bench --email bench@example.com --sid bench1 --ttl 2h)
 primary_rs=$("$bin" token -c "$work/stepgate-rs-mem-off.yaml" --sub bench --email bench@example.com --sid bench1 --ttl 2h --key "$work/rsa.pem" --alg RS256)
 declare -A SF
-for k in "${!GW_PORT[@]}"; do
-  case $k in *-hs-*) p=$primary_hs ;; *) p=$primary_rs ;; esac
-  SF[$k]=$(sf_token "${GW_PORT[$k]}" "$k" "$p")
-done
+# Second-factor tokens through the real flow; minted again every round, as
+# a step-up rule's max_age (10m) is shorter than a full run.
+mint_sf() {
+  local k p
+  for k in "${!GW_PORT[@]}"; do
+    case $k in *-hs-*) p=$primary_hs ;; *) p=$primary_rs ;; esac
+    SF[$k]=$(sf_token "${GW_PORT[$k]}" "$k" "$p")
+  done
+}
+mint_sf
 
 # --- load scenarios -------------------------------------------------------
 scenarios=()
@@ -414,6 +420,7 @@ done
 if [ ${#scenarios[@]} -gt 0 ]; then
   for r in $(seq "$ROUNDS"); do
     echo "round $r/$ROUNDS ..." >&2
+    [ "$r" -gt 1 ] && mint_sf
     one_round
   done
 fi

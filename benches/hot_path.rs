@@ -209,8 +209,8 @@ fn second_factor(c: &mut Criterion) {
     let cfg = config(&format!("secret: \"{SECRET}\""), "HS256");
     let metrics = Arc::new(Metrics::new());
     let store = stepgate::store::from_settings(&cfg.store).expect("store");
-    let stepup = Stepup::new(&cfg.stepup, false, Vec::new(), store, metrics.clone())
-        .expect("stepup");
+    let stepup =
+        Stepup::new(&cfg.stepup, false, Vec::new(), store, metrics.clone()).expect("stepup");
     let auth = Authenticator::new(&cfg.identity, &metrics, None).expect("authenticator");
     let key = EncodingKey::from_secret(SECRET.as_bytes());
     let mut headers = bearer(&primary(Algorithm::HS256, &key, "bench", 1));
@@ -219,6 +219,7 @@ fn second_factor(c: &mut Criterion) {
         .expect("identity")
         .expect("identity present");
     let sf = Tokens::new(&cfg.stepup.token)
+        .expect("tokens")
         .issue(&id.subject, &id.session, Channel::Email)
         .expect("second-factor token");
     headers.insert(
