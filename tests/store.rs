@@ -476,28 +476,36 @@ async fn expiry_edge_marks_outlive_token_acceptance(store: Store) {
     use stepgate::token::{mark_ttl, unix_now, LEEWAY_SECS};
     // Connect first (a cluster client takes a while): the window is short.
     ok(store.ping().await);
-    let exp = unix_now() + 1 - LEEWAY_SECS;
-    assert!(ok(store.spend_once("edge-spent", mark_ttl(exp)).await));
-    ok(store.revoke("edge-revoked", mark_ttl(exp)).await);
-    let mut last_second = 0;
-    while unix_now() <= exp + LEEWAY_SECS {
-        assert!(
-            !ok(store.spend_once("edge-spent", mark_ttl(exp)).await),
-            "spent twice while the token is still accepted"
-        );
-        assert!(
-            ok(store.is_revoked("edge-revoked").await),
-            "revocation gone while the token is still accepted"
-        );
-        if unix_now() == exp + LEEWAY_SECS {
-            last_second += 1;
+    // A loaded machine can stall past the last accepted second before the
+    // first check in it; such a round proves nothing and is tried again with
+    // fresh keys. Every check that does run must hold.
+    for round in 0..5 {
+        let spent = format!("edge-spent-{round}");
+        let revoked = format!("edge-revoked-{round}");
+        let exp = unix_now() + 1 - LEEWAY_SECS;
+        assert!(ok(store.spend_once(&spent, mark_ttl(exp)).await));
+        ok(store.revoke(&revoked, mark_ttl(exp)).await);
+        let mut last_second = 0;
+        while unix_now() <= exp + LEEWAY_SECS {
+            let checked_at = unix_now();
+            assert!(
+                !ok(store.spend_once(&spent, mark_ttl(exp)).await),
+                "spent twice while the token is still accepted"
+            );
+            assert!(
+                ok(store.is_revoked(&revoked).await),
+                "revocation gone while the token is still accepted"
+            );
+            if checked_at == exp + LEEWAY_SECS && unix_now() == checked_at {
+                last_second += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if last_second > 0 {
+            return;
+        }
     }
-    assert!(
-        last_second > 0,
-        "nothing checked in the last accepted second"
-    );
+    panic!("nothing checked in the last accepted second in five rounds");
 }
 
 // SMS pumping: one client cycling through many accounts (and channels) is
