@@ -312,6 +312,47 @@ mod tests {
     }
 
     #[test]
+    // Mutation-testing kills (cargo-mutants on `Tokens::verify`): a token
+    // signed with the gateway's own key is still refused when its header
+    // type is not the gateway's, when its `amr` does not start with `otp`,
+    // or when its `auth_time` lies in the future or further back than the
+    // token lifetime allows. Each check alone must refuse.
+    fn verify_refuses_each_wrong_claim_alone() {
+        let t = tokens(&[1; 32]);
+        let now = unix_now();
+        let sign = |typ: Option<&str>, amr: [&str; 2], auth_time: u64, iat: u64| {
+            let claims = serde_json::json!({
+                "iss": ISSUER, "aud": AUDIENCE, "sub": "a", "ses": "s", "amr": amr,
+                "auth_time": auth_time, "iat": iat, "exp": now + 600, "jti": "j",
+            });
+            let mut header = Header::new(Algorithm::HS256);
+            header.typ = typ.map(str::to_string);
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&[1; 32]))
+                .unwrap_or_default()
+        };
+        let good = sign(Some(TOKEN_TYPE), ["otp", "email"], now, now);
+        assert!(t.verify(&good).is_ok(), "the control token passes");
+        for (why, tok) in [
+            ("typ JWT", sign(Some("JWT"), ["otp", "email"], now, now)),
+            ("no typ", sign(None, ["otp", "email"], now, now)),
+            (
+                "amr pwd",
+                sign(Some(TOKEN_TYPE), ["pwd", "email"], now, now),
+            ),
+            (
+                "auth_time after iat",
+                sign(Some(TOKEN_TYPE), ["otp", "email"], now + 10, now),
+            ),
+            (
+                "auth_time before lifetime",
+                sign(Some(TOKEN_TYPE), ["otp", "email"], now - 1000, now),
+            ),
+        ] {
+            assert_eq!(t.verify(&tok), Err(TokenError::Invalid), "{why}");
+        }
+    }
+
+    #[test]
     // Expiry edges: the acceptance window `mark_ttl` assumes is the one
     // verification applies (a token `LEEWAY_SECS` past `exp` still passes,
     // one a second beyond that is refused).
