@@ -189,7 +189,8 @@ fn identity(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("identity");
     for (name, cfg, alg, key) in &variants {
-        let auth = Authenticator::new(&cfg.identity, &metrics, None).expect("authenticator");
+        let auth = Authenticator::new(&cfg.identity, &cfg.built.jwt_keys, &metrics, None)
+            .expect("authenticator");
         let headers = bearer(&primary(*alg, key, "bench", 1));
         g.bench_function(format!("{name} verified-token cache hit"), |b| {
             b.iter_custom(|iters| timed_auth(&rt, &auth, &headers, iters, || {}))
@@ -208,10 +209,17 @@ fn second_factor(c: &mut Criterion) {
     let rt = runtime();
     let cfg = config(&format!("secret: \"{SECRET}\""), "HS256");
     let metrics = Arc::new(Metrics::new());
-    let store = stepgate::store::from_settings(&cfg.store).expect("store");
-    let stepup =
-        Stepup::new(&cfg.stepup, false, Vec::new(), store, metrics.clone()).expect("stepup");
-    let auth = Authenticator::new(&cfg.identity, &metrics, None).expect("authenticator");
+    let store = cfg.built.store.clone();
+    let stepup = Stepup::new(
+        &cfg.stepup,
+        cfg.built.stepup.clone(),
+        false,
+        Vec::new(),
+        store,
+        metrics.clone(),
+    );
+    let auth = Authenticator::new(&cfg.identity, &cfg.built.jwt_keys, &metrics, None)
+        .expect("authenticator");
     let key = EncodingKey::from_secret(SECRET.as_bytes());
     let mut headers = bearer(&primary(Algorithm::HS256, &key, "bench", 1));
     let id = rt

@@ -9,6 +9,7 @@
 //! signed has expired ([`PublishedKeys`]), so an app that fetches the set
 //! in between still verifies the assertions in flight.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -23,9 +24,20 @@ pub const ISSUER: &str = "stepgate";
 /// Default header name.
 pub const DEFAULT_HEADER: &str = "x-stepgate-assertion";
 
-/// `upstream.assertion`, validated: the key and what goes in the token.
-#[derive(Clone)]
+/// `upstream.assertion`, validated: where the key is and what goes in
+/// the token. The build step loads the key ([`Signer::load`]).
+#[derive(Debug, Clone)]
 pub struct AssertionSettings {
+    /// An Ed25519 or P-256 private key, PKCS#8 PEM.
+    pub signing_key_file: PathBuf,
+    pub header: http::HeaderName,
+    pub audience: String,
+    pub lifetime: Duration,
+}
+
+/// The loaded signing key, and what goes in the token.
+#[derive(Clone)]
+pub struct Signer {
     algorithm: Algorithm,
     key: EncodingKey,
     /// The public key as a JWK (with `kid`, `alg`, `use`).
@@ -36,9 +48,9 @@ pub struct AssertionSettings {
     pub lifetime: Duration,
 }
 
-impl std::fmt::Debug for AssertionSettings {
+impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AssertionSettings")
+        f.debug_struct("Signer")
             .field("algorithm", &self.algorithm)
             .field("kid", &self.kid)
             .field("header", &self.header)
@@ -48,14 +60,28 @@ impl std::fmt::Debug for AssertionSettings {
     }
 }
 
-impl AssertionSettings {
+impl Signer {
+    /// The key `settings` name, read from its file. Blocking.
+    pub fn load(settings: &AssertionSettings) -> Result<Signer, String> {
+        let path = &settings.signing_key_file;
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Signer::from_pem(
+            &pem,
+            settings.header.clone(),
+            settings.audience.clone(),
+            settings.lifetime,
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// From a PKCS#8 PEM private key: Ed25519 or P-256.
     pub fn from_pem(
         pem: &str,
         header: http::HeaderName,
         audience: String,
         lifetime: Duration,
-    ) -> Result<AssertionSettings, String> {
+    ) -> Result<Signer, String> {
         let (algorithm, key, public) = if let Ok(k) = {
             use ed25519_dalek::pkcs8::DecodePrivateKey;
             ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
@@ -98,7 +124,7 @@ impl AssertionSettings {
             _ => "ES256",
         }
         .into();
-        Ok(AssertionSettings {
+        Ok(Signer {
             algorithm,
             key,
             jwk,
@@ -170,7 +196,7 @@ impl PublishedKeys {
     /// replaces what `previous` published, at `now`.
     pub fn next(
         previous: Option<&PublishedKeys>,
-        current: Option<&AssertionSettings>,
+        current: Option<&Signer>,
         now: Instant,
     ) -> PublishedKeys {
         let current = current.map(|a| PublishedKey {
@@ -264,8 +290,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn settings(seed: u8, lifetime: u64) -> AssertionSettings {
-        AssertionSettings::from_pem(
+    fn settings(seed: u8, lifetime: u64) -> Signer {
+        Signer::from_pem(
             &ed25519_pem(seed),
             http::HeaderName::from_static(DEFAULT_HEADER),
             "app".into(),

@@ -144,9 +144,11 @@ impl Authenticator {
     /// Keys fetched from the identity provider are taken over from
     /// `previous` (the authenticator of the policy being replaced) when
     /// they come from the same place, so a reload neither refetches them
-    /// nor fails closed meanwhile.
+    /// nor fails closed meanwhile. `loaded` is what the config's build
+    /// step loaded for `cfg.jwt` (keys, CA certificates).
     pub fn new(
         cfg: &Settings,
+        loaded: &JwtKeys,
         metrics: &Arc<Metrics>,
         previous: Option<&Authenticator>,
     ) -> Result<Authenticator, String> {
@@ -168,11 +170,16 @@ impl Authenticator {
                                     && r.settings().ca_file == settings.ca_file
                             })
                             .and_then(|r| r.current());
-                        Arc::new(RemoteKeys::start(settings.clone(), metrics.clone(), seed)?)
+                        Arc::new(RemoteKeys::start(
+                            settings.clone(),
+                            &loaded.ca,
+                            metrics.clone(),
+                            seed,
+                        )?)
                     }
                 }))
             }
-            Some((jwt, None)) => Some(Keys::Fixed(Arc::new(KeySet::new(jwt.keys.keys.clone())))),
+            Some((_, None)) => Some(Keys::Fixed(Arc::new(KeySet::new(loaded.keys.clone())))),
         };
         let validations = cfg
             .jwt
@@ -431,8 +438,13 @@ mod sf_tests {
             .unwrap_or_else(|e| panic!("{e}"))
             .issue("alice", "sid:1", crate::channel::Channel::Email)
             .unwrap_or_default();
-        let auth = Authenticator::new(&cfg.identity, &Default::default(), None)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let auth = Authenticator::new(
+            &cfg.identity,
+            &cfg.built.jwt_keys,
+            &Default::default(),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let mut h = HeaderMap::new();
         h.insert(
             AUTHORIZATION,
@@ -479,8 +491,13 @@ mod cache_tests {
         );
         let cfg = Config::from_yaml(std::path::Path::new("t.yaml"), &yaml, &Default::default())
             .unwrap_or_else(|e| panic!("{e}"));
-        Authenticator::new(&cfg.identity, &Default::default(), None)
-            .unwrap_or_else(|e| panic!("{e}"))
+        Authenticator::new(
+            &cfg.identity,
+            &cfg.built.jwt_keys,
+            &Default::default(),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn token(exp: u64) -> String {

@@ -14,6 +14,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::CertificateDer;
 
 use crate::assertion::AssertionSettings;
 
@@ -194,13 +195,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(cfg: &Settings) -> Result<Proxy, String> {
+    /// `ca` holds the certificates of `upstream.ca_file`, as the config's
+    /// build step loaded them.
+    pub fn new(cfg: &Settings, ca: &[CertificateDer<'static>]) -> Result<Proxy, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = upstream_tls(cfg.ca_file.as_deref())?;
+        let tls = upstream_tls(ca)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -405,14 +408,11 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Add the CA certificates of a PEM file to `roots`. The config loader
-/// calls this too, so `stepgate check` refuses what `run` would.
-pub fn add_ca_file(
-    roots: &mut rustls::RootCertStore,
-    path: &std::path::Path,
-) -> Result<(), String> {
+/// The CA certificates of a PEM file, checked as rustls will take them.
+/// Blocking (reads the file); the config's build step calls it, once per
+/// load, and the clients get what it read.
+pub fn ca_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -420,26 +420,25 @@ pub fn add_ca_file(
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", path.display()));
     }
-    for c in certs {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in &certs {
         roots
-            .add(c)
+            .add(c.clone())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    Ok(())
+    Ok(certs)
 }
 
 /// rustls client config for an https upstream (or the identity provider):
-/// system roots plus an optional CA file.
-pub(crate) fn upstream_tls(
-    ca_file: Option<&std::path::Path>,
-) -> Result<rustls::ClientConfig, String> {
+/// system roots plus the certificates of a CA file ([`ca_certs`]).
+pub(crate) fn upstream_tls(ca: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = ca_file {
-        add_ca_file(&mut roots, path)?;
+    for cert in ca {
+        roots.add(cert.clone()).map_err(|e| e.to_string())?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)

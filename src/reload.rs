@@ -208,6 +208,28 @@ dev: true
     }
 
     #[tokio::test]
+    // One build per load: the gateway serves with the objects its config's
+    // build step built (the very store), not copies it builds again; a
+    // reload keeps the first store (fixed for the process) and drops the
+    // one its own load built.
+    async fn the_gateway_serves_with_what_the_load_built() {
+        let path = Path::new("gateway.yaml");
+        let config =
+            Config::from_yaml(path, CONFIG, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let built = config.built.store.clone();
+        let gateway = Gateway::new(config).unwrap_or_else(|e| panic!("{e}"));
+        assert!(Arc::ptr_eq(gateway.store(), &built));
+        let edited = CONFIG.replace("console: true", "console: true\n  prefix: /.sg");
+        let next =
+            Config::from_yaml(path, &edited, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let unused = next.built.store.clone();
+        gateway.reload(next).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(gateway.config().stepup.prefix, "/.sg");
+        assert!(Arc::ptr_eq(gateway.store(), &built));
+        assert!(!Arc::ptr_eq(gateway.store(), &unused));
+    }
+
+    #[tokio::test]
     // A hostile edit (deeply nested) is refused fast and the last good
     // policy stays.
     async fn hostile_edit_keeps_the_last_good_policy() {

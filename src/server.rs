@@ -19,19 +19,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::proxy::{Body, BoxError, ClientConn};
-use crate::tls::{tls_certs, tls_key, tls_server_config, TlsFiles};
 
 /// How long a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Build a TLS acceptor (h2 and http/1.1 by ALPN) from PEM files.
-pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
-    let certs = tls_certs(&files.cert)?;
-    let key = tls_key(&files.key)?;
-    let cfg =
-        tls_server_config(certs, key).map_err(|e| format!("{}: {e}", files.cert.display()))?;
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
-}
 
 /// The HTTP/1.1 connection builder for plain connections (see `park.rs`),
 /// with the same limits as [`http_builder`]'s.
@@ -69,10 +59,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let cfg = gateway.config();
-    let tls = match &cfg.listen.tls {
-        Some(files) => Some(tls_acceptor(files)?),
-        None => None,
-    };
+    // Built by the config's build step (h2 and http/1.1 by ALPN).
+    let tls = cfg.built.listener_tls.clone().map(TlsAcceptor::from);
     let builder = Arc::new(http_builder(&cfg));
     let http1 = Arc::new(http1_builder(&cfg));
     let graceful = GracefulShutdown::new();

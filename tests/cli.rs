@@ -910,6 +910,52 @@ fn check_as_strict_as_run_certificates() {
 }
 
 #[test]
+// Check as strict as run: keys are loaded by the build step, not during
+// validation, and a key file that exists but does not load is still a
+// located problem, beside an unrelated one (every problem at once).
+fn check_as_strict_as_run_key_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = path_str(&dir.path().join("garbage.pem"));
+    std::fs::write(&garbage, "not a PEM file\n").expect("write");
+    let jwt = |keys: &str| {
+        base_with(
+            "    algorithms: [HS256]\n    secret: 0123456789abcdef0123456789abcdef\n",
+            &format!("    algorithms: [ES256]\n{keys}"),
+        )
+    };
+    let y = jwt(&format!("    public_key: {garbage}\n"));
+    refused_by_check_and_run(ConfigFile::new(&y))
+        .has(
+            at(&y, &garbage),
+            &format!("identity.jwt.public_key: cannot load {garbage}:"),
+        )
+        .count(1);
+    let y = jwt(&format!("    jwks_file: {garbage}\n"));
+    refused_by_check_and_run(ConfigFile::new(&y))
+        .has(
+            at(&y, &garbage),
+            &format!("identity.jwt.jwks_file: cannot load {garbage}:"),
+        )
+        .count(1);
+    let y = base_with(
+        "  url: http://127.0.0.1:3000\n",
+        &format!(
+            "  url: http://127.0.0.1:3000\n  assertion: {{ signing_key_file: {garbage}, audience: app }}\n"
+        ),
+    )
+    .replace("    ttl: 5m\n", "    ttl: 5 minutes\n");
+    refused_by_check_and_run(ConfigFile::new(&y))
+        .has(
+            at(&y, &garbage),
+            &format!(
+                "upstream.assertion.signing_key_file: {garbage}: expected an Ed25519 or P-256 private key"
+            ),
+        )
+        .has(at(&y, "5 minutes"), "stepup.otp.ttl: invalid duration")
+        .count(2);
+}
+
+#[test]
 // Hostile config files: 60,000 levels of nesting (which used to keep check
 // busy for a minute) and a file above 1 MiB are refused before parsing,
 // each with one located line.
@@ -1321,6 +1367,59 @@ async fn reload_on_change_keeps_last_good_and_on_sighup() {
     assert_eq!(reloads(&gw, "ok").await, ok_before + 1);
     let res = get(&gw.url("/account/x"), &[]).await;
     assert_eq!(res.json()["path"], "/account/x", "forwarded upstream");
+}
+
+#[tokio::test]
+// A reload whose key does not load is refused whole: the last good policy
+// keeps serving (the route edit made with it included) and no assertion
+// key is published; once the key file is fixed, SIGHUP brings both in.
+async fn reload_with_a_bad_key_keeps_the_last_good_policy() {
+    let up = Upstream::start().await;
+    let gw = BinaryGateway::start(&config_yaml(&up.url(), CONSOLE, "")).await;
+    let token = primary_token("alice", None, None, None);
+    let good = std::fs::read_to_string(&gw.config).expect("read config");
+    let key = gw.config.with_file_name("assertion.pem");
+    std::fs::write(&key, "not a PEM file\n").expect("write key");
+    let account = "  - name: account\n    path: /account/**\n";
+    let connect = "  connect_timeout: 1s\n";
+    assert_eq!(good.matches(account).count(), 1);
+    assert_eq!(good.matches(connect).count(), 1);
+    let edited = good
+        .replacen(account, &format!("{account}    deny: true\n"), 1)
+        .replacen(
+            connect,
+            &format!(
+                "{connect}  assertion: {{ signing_key_file: {}, audience: app }}\n",
+                key.display()
+            ),
+            1,
+        );
+
+    replace_file(&gw.config, &edited);
+    eventually("the edit with a bad key to be rejected", || async {
+        reloads(&gw, "rejected").await >= 1
+    })
+    .await;
+    assert_eq!(
+        status(&gw, "/account/x", Some(&token)).await,
+        StatusCode::OK
+    );
+    let jwks = format!("http://{}/jwks.json", gw.admin);
+    assert_eq!(get(&jwks, &[]).await.status, StatusCode::NOT_FOUND);
+
+    let ok = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&key)
+        .status()
+        .expect("the openssl CLI is installed")
+        .success();
+    assert!(ok, "openssl genpkey failed");
+    gw.signal("HUP");
+    eventually("SIGHUP to load the fixed key and the deny rule", || async {
+        status(&gw, "/account/x", Some(&token)).await == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert_eq!(get(&jwks, &[]).await.status, StatusCode::OK);
 }
 
 #[test]

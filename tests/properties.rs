@@ -128,7 +128,7 @@ proptest! {
     #[test]
     fn arbitrary_bearer_tokens_are_refused_without_panicking(token in token_text()) {
         let cfg = test_config();
-        let auth = Authenticator::new(&cfg.identity, &Default::default(), None).expect("authenticator");
+        let auth = Authenticator::new(&cfg.identity, &cfg.built.jwt_keys, &Default::default(), None).expect("authenticator");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {

@@ -11,15 +11,15 @@
 //! 2. A position index built from the same text (yaml-rust2's event parser,
 //!    which keeps marks) maps key paths like `routes[2].stepup.max_age` to
 //!    their line and column.
-//! 3. `validate/` walks the raw structs once, one file per section, collects
-//!    *every* semantic problem, and builds the typed `Config` only when
-//!    there is none. Of runtime objects it builds only the keys the
-//!    settings carry loaded, each with its module's loader
-//!    (`identity::JwtKeys`, `assertion::AssertionSettings`).
-//! 4. `build.rs` builds once what `run` will build from the validated
-//!    settings (TLS, CA roots, notifiers, the Redis client, the token
-//!    signing key), with the code of the module that owns it, so `check`
-//!    refuses what `run` would.
+//! 3. `validate/` walks the raw structs once, one file per section, and
+//!    collects *every* semantic problem; it reads no key and builds no
+//!    runtime object, it records what is to be built.
+//! 4. `build.rs` builds, once per load, the runtime objects the gateway
+//!    serves with (TLS, CA certificates, the primary-token and token keys,
+//!    notifiers, the store's client, the assertion key), with the code of
+//!    the module that owns each, into [`Config::built`]; what it refuses
+//!    is a located problem beside the others, so `check` refuses what
+//!    `run` would. The typed `Config` exists only when there is none.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use self::build::Built;
 use crate::policy::Policy;
 
 /// One problem in a config file, located.
@@ -83,6 +84,9 @@ pub struct Config {
     /// [`source_digest`] of the text this config was read from, so a
     /// reload can tell whether the file changed since.
     pub digest: [u8; 32],
+    /// The runtime objects the build step built from these settings; the
+    /// gateway serves with them (see `build.rs`).
+    pub built: Built,
 }
 
 /// SHA-256 of config file text.
@@ -202,9 +206,10 @@ impl Config {
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut v = validate::Validator::new(&index, base);
         let config = validate::config(&mut v, file, raw);
-        build::check(&mut v);
+        let built = build::run(&mut v);
         if v.problems.is_empty() && env_problems.is_empty() {
-            if let Some(mut config) = config {
+            if let (Some(config), Some(built)) = (config, built) {
+                let mut config = config(built);
                 config.digest = source_digest(text.as_bytes());
                 return Ok(config);
             }

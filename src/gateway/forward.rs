@@ -34,7 +34,7 @@ pub(super) async fn run(
     let facts = identity_headers(&req);
     let assertion = s
         .config
-        .upstream
+        .built
         .assertion
         .as_ref()
         .and_then(|a| sign_assertion(a, &req, ex.rule));
@@ -80,7 +80,7 @@ pub(super) async fn run(
 /// The signed assertion (CONTRACT §5.4) for a request with an identity:
 /// who, and which second factor was checked for `rule`.
 pub(super) fn sign_assertion<B>(
-    a: &crate::assertion::AssertionSettings,
+    a: &crate::assertion::Signer,
     req: &Request<B>,
     rule: Option<&Rule>,
 ) -> Option<(HeaderName, HeaderValue)> {

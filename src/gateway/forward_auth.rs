@@ -126,7 +126,7 @@ pub(super) fn answer(s: &State, req: &Request<Body>, ex: &mut Exchange<'_>) -> R
         headers.insert(name, HeaderValue::from_static(""));
     }
     headers.extend(identity_headers(req));
-    if let Some(a) = &s.config.upstream.assertion {
+    if let Some(a) = &s.config.built.assertion {
         let (name, value) = sign_assertion(a, req, ex.rule)
             .unwrap_or_else(|| (a.header.clone(), HeaderValue::from_static("")));
         headers.insert(name, value);

@@ -62,11 +62,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Build the gateway from a validated config. Fails only on things the
-    /// config loader cannot check (e.g. an unreadable CA file).
+    /// The gateway of a loaded config, serving with what its build step
+    /// built. Starts the store (this config's is the process's for good)
+    /// and, with keys from the identity provider, their fetcher.
     pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
         let metrics = Arc::new(Metrics::new());
-        let store = crate::store::from_settings(&config.store)?;
+        let store = config.built.store.clone();
+        store.start_background();
         let state = State::build(config, store.clone(), metrics.clone(), None)?;
         Ok(Arc::new(Gateway {
             store_config: state.config.store.clone(),
@@ -91,9 +93,10 @@ impl Gateway {
         &self.store
     }
 
-    /// Swap in a new policy. Listener addresses and the store are fixed
-    /// for the life of the process; a change to them is reported and
-    /// ignored.
+    /// Swap in a new policy, served with what its load built. Listener
+    /// addresses, TLS and the store are fixed for the life of the process;
+    /// a change to them is reported (addresses, store) and ignored. Nothing
+    /// changes when this fails.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         let old = self.config();
         if config.listen.address != old.listen.address || config.admin.address != old.admin.address
@@ -269,24 +272,33 @@ impl<'s> Exchange<'s> {
 }
 
 impl State {
+    /// The state of one policy, from what its load built; what needs the
+    /// runtime or the policy it replaces is made here.
     fn build(
         config: Config,
         store: Arc<dyn ChallengeStore>,
         metrics: Arc<Metrics>,
         previous: Option<&State>,
     ) -> Result<State, String> {
-        let auth = Authenticator::new(&config.identity, &metrics, previous.map(|p| &p.auth))?;
-        let proxy = Proxy::new(&config.upstream)?;
+        let built = &config.built;
+        let auth = Authenticator::new(
+            &config.identity,
+            &built.jwt_keys,
+            &metrics,
+            previous.map(|p| &p.auth),
+        )?;
+        let proxy = Proxy::new(&config.upstream, &built.upstream_ca)?;
         let stepup = Stepup::new(
             &config.stepup,
+            built.stepup.clone(),
             config.listen.tls.is_some(),
             config.listen.trusted_proxies.clone(),
             store,
             metrics,
-        )?;
+        );
         let assertion_keys = PublishedKeys::next(
             previous.map(|p| &p.assertion_keys),
-            config.upstream.assertion.as_ref(),
+            built.assertion.as_ref(),
             Instant::now(),
         );
         Ok(State {

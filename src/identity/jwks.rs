@@ -220,13 +220,15 @@ impl RemoteKeys {
     /// Start fetching per `settings` (in the background when a Tokio runtime
     /// is running; otherwise on the first token). `seed` is a set already
     /// fetched from the same place (a reload that changed other settings),
-    /// used until the first fetch replaces it.
+    /// used until the first fetch replaces it. `ca` holds the certificates
+    /// of `settings.ca_file`, as the config's build step loaded them.
     pub fn start(
         settings: JwksSettings,
+        ca: &[rustls_pki_types::CertificateDer<'static>],
         metrics: Arc<Metrics>,
         seed: Option<Arc<KeySet>>,
     ) -> Result<RemoteKeys, String> {
-        let tls = crate::proxy::upstream_tls(settings.ca_file.as_deref())?;
+        let tls = crate::proxy::upstream_tls(ca)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(FETCH_TIMEOUT));

@@ -1,9 +1,10 @@
 //! The `identity` settings the config loader builds: where a primary
-//! identity comes from and the keys that check it. Loading a key file is
+//! identity comes from and where the keys that check it are. Loading the
+//! key files ([`JwtKeys::load`], called by the config's build step) is
 //! here, next to the code that uses the keys.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -11,12 +12,16 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::jwks::JwksSettings;
 
-/// The keys that check primary tokens, loaded from the config's files.
-#[derive(Clone)]
+/// What the build step loads for `identity.jwt`: the keys that check
+/// primary tokens (from the secret, `public_key` or `jwks_file`), and the
+/// CA certificates of `ca_file` to fetch the provider's keys with.
+#[derive(Clone, Default)]
 pub struct JwtKeys {
     /// Keys by `kid` (JWKS); the empty string holds the key used when a
     /// token names no `kid` or there is only one.
     pub keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+    /// `ca_file`'s certificates (empty without it).
+    pub ca: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// `identity.jwt`: where tokens come from and how they are checked.
@@ -26,11 +31,14 @@ pub struct JwtSettings {
     pub from_cookie: bool,
     pub cookie: String,
     pub algorithms: Vec<Algorithm>,
-    pub keys: JwtKeys,
+    /// A public key PEM of the first asymmetric algorithm's family.
+    pub public_key: Option<PathBuf>,
+    /// A JWKS file.
+    pub jwks_file: Option<PathBuf>,
     /// Keys fetched from the identity provider (`jwks_url`, or discovery
-    /// from `issuer` alone); `keys` is empty then.
+    /// from `issuer` alone).
     pub remote: Option<JwksSettings>,
-    /// The HS secret, kept so `stepgate token` can mint trial tokens.
+    /// The HS secret; also lets `stepgate token` mint trial tokens.
     pub hs_secret: Option<Vec<u8>>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
@@ -63,6 +71,58 @@ pub struct Settings {
 }
 
 impl JwtKeys {
+    /// Load what `jwt` names. Blocking (reads files). Each failure is
+    /// `(key, message)` at the config key naming the file.
+    pub fn load(jwt: &JwtSettings) -> Result<JwtKeys, Vec<(&'static str, String)>> {
+        let mut loaded = JwtKeys::default();
+        let mut problems = Vec::new();
+        if let Some(secret) = &jwt.hs_secret {
+            loaded
+                .keys
+                .insert(String::new(), (DecodingKey::from_secret(secret), None));
+        }
+        if let Some(path) = &jwt.public_key {
+            let alg = jwt
+                .algorithms
+                .iter()
+                .copied()
+                .find(|a| !matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512))
+                .unwrap_or(Algorithm::RS256);
+            match std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| JwtKeys::decoding_key_from_pem(&pem, alg))
+            {
+                Ok(k) => {
+                    loaded.keys.insert(String::new(), (k, None));
+                }
+                Err(e) => problems.push((
+                    "identity.jwt.public_key",
+                    format!("cannot load {}: {e}", path.display()),
+                )),
+            }
+        }
+        if let Some(path) = &jwt.jwks_file {
+            match JwtKeys::load_jwks(path) {
+                Ok(k) => loaded.keys.extend(k),
+                Err(e) => problems.push((
+                    "identity.jwt.jwks_file",
+                    format!("cannot load {}: {e}", path.display()),
+                )),
+            }
+        }
+        if let Some(path) = jwt.remote.as_ref().and_then(|r| r.ca_file.as_ref()) {
+            match crate::proxy::ca_certs(path) {
+                Ok(certs) => loaded.ca = certs,
+                Err(e) => problems.push(("identity.jwt.ca_file", format!("cannot load {e}"))),
+            }
+        }
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(problems)
+        }
+    }
+
     /// A public key PEM of `alg`'s family.
     pub fn decoding_key_from_pem(pem: &[u8], alg: Algorithm) -> Result<DecodingKey, String> {
         use Algorithm::*;

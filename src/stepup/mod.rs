@@ -117,6 +117,15 @@ fn cross_site(headers: &HeaderMap, host: Option<&str>) -> bool {
     }
 }
 
+/// What the config's build step built for `stepup`: the token keys and
+/// the notifiers of the configured channels.
+#[derive(Clone)]
+pub struct Parts {
+    pub tokens: Tokens,
+    pub email: Option<Arc<EmailNotifier>>,
+    pub sms: Option<Arc<SmsNotifier>>,
+}
+
 /// Step-up state shared by all requests of one policy generation.
 pub struct Stepup {
     cfg: Settings,
@@ -133,24 +142,20 @@ pub struct Stepup {
 }
 
 impl Stepup {
+    /// `parts` are what the config's build step built from `cfg`;
     /// `secure_cookies` when the listener serves TLS; `trusted_proxies`
     /// are the peers whose `X-Forwarded-For` names the client.
     pub fn new(
         cfg: &Settings,
+        parts: Parts,
         secure_cookies: bool,
         trusted_proxies: Vec<ipnet::IpNet>,
         store: Arc<dyn ChallengeStore>,
         metrics: Arc<Metrics>,
-    ) -> Result<Stepup, String> {
+    ) -> Stepup {
         let cfg = cfg.clone();
-        let email: Option<Arc<dyn Notifier>> = match &cfg.email {
-            Some(s) => Some(Arc::new(EmailNotifier::new(s.clone())?)),
-            None => None,
-        };
-        let sms: Option<Arc<dyn Notifier>> = match &cfg.sms {
-            Some(s) => Some(Arc::new(SmsNotifier::new(s.clone(), cfg.sms_timeout)?)),
-            None => None,
-        };
+        let email = parts.email.map(|n| n as Arc<dyn Notifier>);
+        let sms = parts.sms.map(|n| n as Arc<dyn Notifier>);
         let console = cfg.console.then(|| Arc::new(ConsoleNotifier::new()));
         let o = &cfg.otp;
         let limits = Limits {
@@ -165,8 +170,8 @@ impl Stepup {
             email_budget: cfg.budget.email_per_hour,
             sms_budget: cfg.budget.sms_per_hour,
         };
-        Ok(Stepup {
-            tokens: Tokens::new(&cfg.token)?,
+        Stepup {
+            tokens: parts.tokens,
             cfg,
             store,
             email,
@@ -176,7 +181,7 @@ impl Stepup {
             metrics,
             secure_cookies,
             trusted_proxies,
-        })
+        }
     }
 
     /// The console notifier, in dev/demo mode.

@@ -184,6 +184,13 @@ pub trait ChallengeStore: Send + Sync + 'static {
 
     /// Whether the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Begin the store's background work in the current Tokio runtime (a
+    /// Redis store's revocation subscriber); nothing when there is none or
+    /// it runs already. The config's build step builds the store without
+    /// starting it, so a store a reload builds and never uses costs no
+    /// connection.
+    fn start_background(&self) {}
 }
 
 /// The `store` settings, built by the config loader.
@@ -202,28 +209,4 @@ pub enum Settings {
         urls: Vec<String>,
         prefix: String,
     },
-}
-
-/// The store the config asks for. Redis stores connect lazily, so this
-/// succeeds while Redis is down (the gateway starts not-ready).
-pub fn from_settings(cfg: &Settings) -> Result<std::sync::Arc<dyn ChallengeStore>, String> {
-    Ok(match cfg {
-        Settings::Memory { max_entries } => std::sync::Arc::new(MemoryStore::new(*max_entries)),
-        Settings::Redis {
-            url,
-            prefix,
-            ca_file,
-        } => {
-            let ca = match ca_file {
-                Some(path) => {
-                    Some(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?)
-                }
-                None => None,
-            };
-            std::sync::Arc::new(RedisStore::with_ca(url, prefix, ca).map_err(|e| e.to_string())?)
-        }
-        Settings::Cluster { urls, prefix } => {
-            std::sync::Arc::new(RedisStore::cluster(urls, prefix).map_err(|e| e.to_string())?)
-        }
-    })
 }

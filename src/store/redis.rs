@@ -225,6 +225,9 @@ pub struct RedisStore {
     revocations: Arc<RevocationCache>,
     /// The pub/sub channel revocations are announced on.
     channel: String,
+    /// The clients to subscribe with, until [`ChallengeStore::start_background`]
+    /// starts the subscriber.
+    unstarted: Mutex<Option<Vec<redis::Client>>>,
 }
 
 /// The current connection, `None` until first use and after a failure.
@@ -312,6 +315,18 @@ impl RedisStore {
         prefix: &str,
         ca_pem: Option<Vec<u8>>,
     ) -> Result<RedisStore, StoreError> {
+        let store = RedisStore::idle_with_ca(url, prefix, ca_pem)?;
+        ChallengeStore::start_background(&store);
+        Ok(store)
+    }
+
+    /// Like [`RedisStore::with_ca`], but its revocation subscriber waits
+    /// for [`ChallengeStore::start_background`] (what the config's build step builds).
+    pub fn idle_with_ca(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<RedisStore, StoreError> {
         let client = match ca_pem {
             Some(root_cert) => redis::Client::build_with_tls(
                 url,
@@ -330,6 +345,14 @@ impl RedisStore {
     /// A store on the Redis Cluster reachable through `urls`, with every key
     /// under `prefix`. Fails only on malformed URLs or prefix.
     pub fn cluster(urls: &[String], prefix: &str) -> Result<RedisStore, StoreError> {
+        let store = RedisStore::idle_cluster(urls, prefix)?;
+        ChallengeStore::start_background(&store);
+        Ok(store)
+    }
+
+    /// Like [`RedisStore::cluster`], but its revocation subscriber waits
+    /// for [`ChallengeStore::start_background`].
+    pub fn idle_cluster(urls: &[String], prefix: &str) -> Result<RedisStore, StoreError> {
         if urls.is_empty() {
             return Err(StoreError("redis cluster: no node urls".into()));
         }
@@ -355,11 +378,10 @@ impl RedisStore {
         check_prefix(prefix).map_err(StoreError)?;
         let script = |body: &str| Script::new(&format!("{PRELUDE_LUA}{body}"));
         let revocations = Arc::new(RevocationCache::new());
-        let channel = format!("{prefix}revocations");
-        spawn_subscriber(&revocations, subscribers, channel.clone());
         Ok(RedisStore {
             revocations,
-            channel,
+            channel: format!("{prefix}revocations"),
+            unstarted: Mutex::new(Some(subscribers)),
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
@@ -919,6 +941,16 @@ impl ChallengeStore for RedisStore {
             |mut conn| async move { redis::cmd("GETDEL").arg(key).query_async(&mut conn).await },
         )
         .await
+    }
+
+    fn start_background(&self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let subscribers = self.unstarted.lock().ok().and_then(|mut s| s.take());
+        if let Some(subscribers) = subscribers {
+            spawn_subscriber(&self.revocations, subscribers, self.channel.clone());
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -2,16 +2,15 @@
 //! public key, a JWKS file, or keys fetched from the identity provider),
 //! refusing combinations that allow algorithm confusion.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::Algorithm;
 
 use super::Validator;
 use crate::config::build::Build;
 use crate::config::raw;
 use crate::identity::jwks::JwksSettings;
-use crate::identity::{JwtKeys, JwtSettings};
+use crate::identity::JwtSettings;
 
 /// The raw `identity.jwt` keys about keys fetched from the provider.
 struct RemoteKeys {
@@ -72,7 +71,6 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<JwtSett
     // is reported as that, not also as "no key given".
     let has_secret = j.secret.is_some() || j.secret_file.is_some();
     let secret = v.secret("identity.jwt.secret", j.secret, j.secret_file);
-    let mut keys = HashMap::new();
     let sources = [
         has_secret,
         j.public_key.is_some(),
@@ -120,12 +118,9 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<JwtSett
                 ),
             );
         }
-        keys.insert(
-            String::new(),
-            (DecodingKey::from_secret(secret.as_bytes()), None),
-        );
         hs_secret = Some(secret.into_bytes());
     }
+    let mut public_key = None;
     if let Some(pk) = &j.public_key {
         if !hs.is_empty() {
             v.problem(
@@ -133,25 +128,9 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<JwtSett
                 "HS algorithms are refused when a public key is configured",
             );
         }
-        if let Some(path) = v.existing_file("identity.jwt.public_key", &pk.0) {
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|pem| {
-                    JwtKeys::decoding_key_from_pem(
-                        &pem,
-                        asym.first().copied().unwrap_or(Algorithm::RS256),
-                    )
-                }) {
-                Ok(k) => {
-                    keys.insert(String::new(), (k, None));
-                }
-                Err(e) => v.problem(
-                    "identity.jwt.public_key",
-                    format!("cannot load {}: {e}", path.display()),
-                ),
-            }
-        }
+        public_key = v.existing_file("identity.jwt.public_key", &pk.0);
     }
+    let mut jwks_file = None;
     if let Some(f) = &j.jwks_file {
         if !hs.is_empty() {
             v.problem(
@@ -159,18 +138,10 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<JwtSett
                 "HS algorithms are refused with a JWKS",
             );
         }
-        if let Some(path) = v.existing_file("identity.jwt.jwks_file", &f.0) {
-            match JwtKeys::load_jwks(&path) {
-                Ok(k) => keys.extend(k),
-                Err(e) => v.problem(
-                    "identity.jwt.jwks_file",
-                    format!("cannot load {}: {e}", path.display()),
-                ),
-            }
-        }
+        jwks_file = v.existing_file("identity.jwt.jwks_file", &f.0);
     }
     let leeway = v.duration("identity.jwt.leeway", j.leeway, Duration::from_secs(30));
-    Some(JwtSettings {
+    let settings = JwtSettings {
         from_header,
         from_cookie,
         cookie: j
@@ -178,13 +149,19 @@ pub(super) fn validate(v: &mut Validator<'_>, mut j: raw::Jwt) -> Option<JwtSett
             .map(|c| c.0)
             .unwrap_or_else(|| "access_token".into()),
         algorithms,
-        keys: JwtKeys { keys },
+        public_key,
+        jwks_file,
         remote,
         hs_secret,
         issuer: j.issuer.map(|s| s.0),
         audience: j.audience.map(|s| s.0),
         leeway,
-    })
+    };
+    // The keys are loaded by the build step, from the files that exist,
+    // whatever else is wrong here: a key that does not load is reported
+    // beside the other problems.
+    v.build(Build::JwtKeys(settings.clone()));
+    Some(settings)
 }
 
 /// Settings for keys fetched by URL or discovered from the issuer.
@@ -233,9 +210,6 @@ fn remote(v: &mut Validator<'_>, j: RemoteKeys, hs: bool) -> Option<JwksSettings
         .ca_file
         .as_ref()
         .and_then(|f| v.existing_file("identity.jwt.ca_file", &f.0));
-    if let Some(path) = &ca_file {
-        v.build(Build::CaFile("identity.jwt.ca_file", path.clone()));
-    }
     let min_refresh = v.duration(
         "identity.jwt.jwks_min_refresh",
         j.min_refresh,

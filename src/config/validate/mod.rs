@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::build::Build;
+use super::build::{Build, Built};
 use super::position::PositionIndex;
 use super::{parse_duration, raw, Config, Problem};
 use crate::policy::{Action, DefaultPolicy, Policy};
@@ -184,8 +184,14 @@ impl<'a> Validator<'a> {
     }
 }
 
-/// Every section in file order, then the checks across sections.
-pub(super) fn config(v: &mut Validator<'_>, file: &Path, raw: raw::File) -> Option<Config> {
+/// Every section in file order, then the checks across sections. The
+/// config is complete once the build step has built what validation
+/// recorded: this returns it waiting for that.
+pub(super) fn config(
+    v: &mut Validator<'_>,
+    file: &Path,
+    raw: raw::File,
+) -> Option<impl FnOnce(Built) -> Config> {
     let dev = raw.dev.unwrap_or(false);
     let listen = listen::validate(v, raw.listen.unwrap_or_default());
     let admin = admin::validate(v, raw.admin.unwrap_or_default(), listen.as_ref());
@@ -209,18 +215,22 @@ pub(super) fn config(v: &mut Validator<'_>, file: &Path, raw: raw::File) -> Opti
             "routes need a primary identity but neither identity.jwt nor identity.trusted_header is configured",
         );
     }
-    Some(Config {
-        file: file.to_path_buf(),
-        listen: listen?,
-        admin: admin?,
-        upstream: upstream?,
-        identity: identity?,
-        stepup: stepup?,
-        store: store?,
+    let (listen, admin, upstream) = (listen?, admin?, upstream?);
+    let (identity, stepup, store) = (identity?, stepup?, store?);
+    let file = file.to_path_buf();
+    Some(move |built| Config {
+        file,
+        listen,
+        admin,
+        upstream,
+        identity,
+        stepup,
+        store,
         policy: Policy { rules, default },
         log,
         dev,
         digest: [0; 32],
+        built,
     })
 }
 

@@ -36,6 +36,8 @@ pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Settings>
             format!("invalid cookie name {cookie:?}"),
         );
     }
+    // The PEM file, named when its key does not load.
+    let mut pem_file = None;
     let signing_key = match (t.signing_key, t.signing_key_file) {
         (Some(_), Some(_)) => {
             v.problem(
@@ -58,9 +60,8 @@ pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Settings>
             let path = v.path(&f.0);
             match std::fs::read(&path) {
                 Ok(bytes) if bytes.starts_with(b"-----BEGIN") => {
-                    let key = SigningKey::Pem(bytes.clone());
-                    v.build(Build::TokenKey(path, key.clone()));
-                    Some((key, bytes))
+                    pem_file = Some(path);
+                    Some((SigningKey::Pem(bytes.clone()), bytes))
                 }
                 Ok(bytes) => {
                     let s = String::from_utf8_lossy(&bytes).trim_end().to_string();
@@ -103,13 +104,15 @@ pub(super) fn validate(v: &mut Validator<'_>, t: raw::Token) -> Option<Settings>
         Some(h) => h.into_bytes(),
         None => crate::otp::derive_key(&material, b"stepgate code hash v1"),
     };
-    Some(Settings {
+    let settings = Settings {
         signing_key,
         secret,
         lifetime,
         cookie,
         header: header?,
-    })
+    };
+    v.build(Build::Tokens(settings.clone(), pem_file));
+    Some(settings)
 }
 
 #[cfg(test)]

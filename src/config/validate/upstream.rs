@@ -51,7 +51,7 @@ pub(super) fn validate(v: &mut Validator<'_>, u: raw::Upstream) -> Option<Settin
         .ca_file
         .and_then(|f| v.existing_file("upstream.ca_file", &f.0));
     if let Some(path) = &ca_file {
-        v.build(Build::CaFile("upstream.ca_file", path.clone()));
+        v.build(Build::UpstreamCa(path.clone()));
     }
     let pool_idle_timeout = v.duration(
         "upstream.pool_idle_timeout",
@@ -71,8 +71,8 @@ pub(super) fn validate(v: &mut Validator<'_>, u: raw::Upstream) -> Option<Settin
     })
 }
 
-/// `upstream.assertion`: the key loads, the header is not one the
-/// gateway or the app reads for something else.
+/// `upstream.assertion`: the key file exists (the build step loads it),
+/// the header is not one the gateway or the app reads for something else.
 fn assertion(v: &mut Validator<'_>, a: raw::Assertion) -> Option<AssertionSettings> {
     let key = "upstream.assertion";
     let header = a
@@ -128,27 +128,15 @@ fn assertion(v: &mut Validator<'_>, a: raw::Assertion) -> Option<AssertionSettin
         );
         return None;
     };
-    let path = v.existing_file(&format!("{key}.signing_key_file"), &file.0)?;
-    let pem = match std::fs::read_to_string(&path) {
-        Ok(p) => p,
-        Err(e) => {
-            v.problem(
-                &format!("{key}.signing_key_file"),
-                format!("cannot read {}: {e}", path.display()),
-            );
-            return None;
-        }
+    let signing_key_file = v.existing_file(&format!("{key}.signing_key_file"), &file.0)?;
+    let settings = AssertionSettings {
+        signing_key_file,
+        header: header?,
+        audience: audience?,
+        lifetime,
     };
-    match AssertionSettings::from_pem(&pem, header?, audience?, lifetime) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            v.problem(
-                &format!("{key}.signing_key_file"),
-                format!("{}: {e}", path.display()),
-            );
-            None
-        }
-    }
+    v.build(Build::Assertion(settings.clone()));
+    Some(settings)
 }
 
 #[cfg(test)]
