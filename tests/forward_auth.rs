@@ -84,10 +84,15 @@ impl Proxy {
     /// `X-Stepgate-Redirect` says (nginx style: stepgate itself never
     /// answers 302).
     async fn nginx(gw: SocketAddr, up: SocketAddr) -> Proxy {
+        Proxy::nginx_with(&readme_nginx(gw, up)).await
+    }
+
+    /// nginx serving `locations` (server-level directives).
+    async fn nginx_with(locations: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let d = dir.path().display();
-        let locations = readme_nginx(gw, up).replace('\n', "\n        ");
+        let locations = locations.replace('\n', "\n        ");
         let conf = format!(
             r#"worker_processes 1;
 master_process off;
@@ -552,6 +557,167 @@ async fn one_time_token_is_spent_by_the_answer() {
     assert_eq!(first.header("x-stepgate-stepup"), Some("email"));
     let second = get(&stack.gw.url("/.stepgate/auth"), &h).await;
     assert_eq!(second.status, StatusCode::UNAUTHORIZED);
+}
+
+/// nginx as ingress-nginx configures it for the README's annotations:
+/// `auth-url` is an `auth_request` to stepgate (ingress-nginx sends
+/// `X-Original-URL` and `X-Original-Method`), `auth-response-headers` are
+/// `auth_request_set` copies, and `auth-signin` is `error_page 401` to a
+/// location that answers `302` to the sign-in URL: for
+/// `https://$host/.stepgate/challenge?rd=$escaped_request_uri`, every
+/// refusal goes to the challenge page. (`$escaped_request_uri` is
+/// ingress-nginx's `set_escape_uri` of `$request_uri`, a module Debian's
+/// nginx-light lacks; the tests' targets need no escaping, so
+/// `$request_uri` stands in for it.)
+fn ingress_nginx(gw: SocketAddr, up: SocketAddr) -> String {
+    format!(
+        r#"location /.stepgate/ {{
+    proxy_pass http://{gw};
+}}
+location = /.stepgate/auth {{
+    internal;
+    proxy_pass http://{gw};
+    proxy_pass_request_body off;
+    proxy_set_header Content-Length "";
+    proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+    proxy_set_header X-Original-Method $request_method;
+}}
+location / {{
+    auth_request /.stepgate/auth;
+    auth_request_set $sg_user $upstream_http_x_stepgate_user;
+    auth_request_set $sg_stepup $upstream_http_x_stepgate_stepup;
+    proxy_set_header X-Stepgate-User $sg_user;
+    proxy_set_header X-Stepgate-Stepup $sg_stepup;
+    error_page 401 = @signin;
+    proxy_pass http://{up};
+}}
+location @signin {{
+    return 302 http://$http_host/.stepgate/challenge?rd=$request_uri;
+}}
+"#
+    )
+}
+
+/// An HS256 primary token for `sub` whose sign-in proved `amr` at
+/// `auth_time` (what the test gateways' `identity.jwt` accepts).
+fn hs_token(sub: &str, amr: &[&str], auth_time: u64) -> String {
+    let now = stepgate::token::unix_now();
+    let claims = serde_json::json!({
+        "sub": sub, "iss": "https://idp.test", "aud": "legacy-app", "iat": now,
+        "exp": now + 3600, "amr": amr, "auth_time": auth_time, "sid": format!("sid-{sub}"),
+        "email": format!("{sub}@example.com"),
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign a primary token")
+}
+
+#[tokio::test]
+// ingress-nginx (`auth-signin` to the challenge page) on a rule only the
+// identity provider can satisfy: the challenge page does not show a code
+// form that cannot help, it sends the browser on to identity.login_url
+// with rd, the rule's acr_values and max_age, as proxy mode does. An rd
+// that is not a local path is not followed (open redirect): the page falls
+// back to `/`. A rule with a channel still gets the code form; nothing
+// refused reaches the app; after signing in again with MFA, the page is
+// served.
+async fn ingress_nginx_signin_on_an_idp_only_rule_goes_to_the_provider() {
+    let up = Upstream::start().await;
+    let email = "  email:\n    smtp: { host: 127.0.0.1, port: 9, security: none }\n    from: \"Security <no-reply@example.com>\"\n";
+    let payroll = "  - name: payroll\n    path: /payroll/**\n    stepup: { max_age: 5m, factors: [sms], idp: { amr: [mfa], acr: [\"urn:example:loa:2\"] } }\n";
+    let yaml = config_yaml(&up.url(), email, "")
+        .replacen(
+            "  drain_timeout: 5s\n",
+            "  drain_timeout: 5s\n  trusted_proxies: [127.0.0.1/32]\n",
+            1,
+        )
+        .replacen(
+            "  - name: account\n",
+            &format!("{payroll}  - name: account\n"),
+            1,
+        )
+        // Without an SMS channel, the keys rule takes email codes.
+        .replacen(
+            "max_age: 1m, factors: [sms] }",
+            "max_age: 1m, factors: [email] }",
+            1,
+        );
+    assert_eq!(yaml.matches("name: payroll").count(), 1, "{yaml}");
+    assert_eq!(yaml.matches("factors: [email]").count(), 1, "{yaml}");
+    let gw = TestGateway::start(&yaml).await;
+    let proxy = Proxy::nginx_with(&ingress_nginx(gw.addr, up.addr)).await;
+    let t = stepgate::token::unix_now();
+    let plain = format!("Bearer {}", hs_token("alice", &["pwd"], t));
+    let browser = [("authorization", plain.as_str()), ("accept", "text/html")];
+
+    // auth-signin: the refusal goes to the challenge page, with rd.
+    let res = get(&proxy.url("/payroll/run"), &browser).await;
+    assert_eq!(res.status, StatusCode::FOUND, "{}", res.text());
+    let challenge = proxy.url("/.stepgate/challenge?rd=/payroll/run");
+    assert_eq!(res.header("location"), Some(challenge.as_str()));
+    // The challenge page sends the browser on to the provider.
+    let res = get(&challenge, &browser).await;
+    assert_eq!(res.status, StatusCode::FOUND, "{}", res.text());
+    assert_eq!(
+        res.header("location"),
+        Some(
+            "https://idp.test/login?rd=/payroll/run&acr_values=urn%3Aexample%3Aloa%3A2&max_age=300"
+        )
+    );
+    // rd as a query value, escaped: the same.
+    let res = get(
+        &proxy.url("/.stepgate/challenge?rd=%2Fpayroll%2Frun%3Fm%3D1"),
+        &browser,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::FOUND, "{}", res.text());
+    assert_eq!(
+        res.header("location"),
+        Some("https://idp.test/login?rd=/payroll/run%3Fm%3D1&acr_values=urn%3Aexample%3Aloa%3A2&max_age=300")
+    );
+    // An rd that is not a path on this host is not followed: the page
+    // falls back to `/` (a public route here), and shows the code form.
+    for rd in [
+        "//evil.test/payroll/run",
+        "https://evil.test/payroll/run",
+        "/\\evil.test/payroll/run",
+    ] {
+        let url = proxy.url(&format!(
+            "/.stepgate/challenge?rd={}",
+            form_urlencoded::byte_serialize(rd.as_bytes()).collect::<String>()
+        ));
+        let res = get(&url, &browser).await;
+        assert_eq!(res.status, StatusCode::OK, "{rd}: {}", res.text());
+        assert_eq!(res.header("location"), None, "{rd}");
+        assert_eq!(hidden(&res.text(), "rd"), "/", "{rd}");
+    }
+    // A rule with a channel: the code form, as before.
+    let res = get(&proxy.url("/admin/panel"), &browser).await;
+    assert_eq!(res.status, StatusCode::FOUND);
+    let res = get(
+        res.header("location")
+            .expect("location to the challenge page"),
+        &browser,
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(hidden(&res.text(), "rd"), "/admin/panel");
+    assert_eq!(up.hits(), 0, "a refused request reached the upstream");
+
+    // Signed in again with the provider's MFA: through, as idp.
+    let mfa = format!("Bearer {}", hs_token("alice", &["pwd", "mfa"], t));
+    let res = get(
+        &proxy.url("/payroll/run"),
+        &[("authorization", mfa.as_str()), ("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(seen(&res, "x-stepgate-user").as_deref(), Some("alice"));
+    assert_eq!(seen(&res, "x-stepgate-stepup").as_deref(), Some("idp"));
+    assert_eq!(up.hits(), 1);
 }
 
 /// A gateway whose identities come from `idp` (by discovery), trusting

@@ -209,6 +209,8 @@ async fn endpoint(
         .ok_or_else(|| identity::missing(s))?;
     let sub = ex.path[s.config.stepup.prefix.len()..].to_string();
     ex.outcome = Outcome::Gateway;
+    // Where the code form cannot help, the browser goes to the provider.
+    stepup::idp_only_page(s, &req, &sub, ex)?;
     // Boxed: the step-up futures are large and off the plain-proxy path;
     // inlining them would make every request's future several times bigger.
     Box::pin(s.stepup.endpoint(req, &sub, &id, ex.conn)).await

@@ -4,14 +4,15 @@
 //! extensions. A browser form post that meets a challenge is kept so it
 //! can be replayed after verification.
 
-use http::Request;
+use http::{Method, Request};
 
 use super::{Exchange, State};
+use crate::http::form;
 use crate::http::negotiate::Client;
 use crate::http::{Body, Rejection};
 use crate::identity::Identity;
-use crate::policy::Action;
-use crate::stepup::StepupCheck;
+use crate::policy::{normalize_path, Action, StepUp as Need};
+use crate::stepup::{safe_rd, StepupCheck};
 use crate::telemetry::Mode;
 
 pub(super) async fn run(
@@ -53,18 +54,63 @@ pub(super) async fn run(
             } else {
                 None
             };
-            let acr_values = need
-                .idp
-                .as_ref()
-                .filter(|i| !i.acr.is_empty())
-                .map(|i| i.acr.join(" "));
-            Err(Rejection::StepUpRequired {
-                max_age: need.max_age.as_secs(),
-                acr_values,
-                codes,
-                stash,
-            })
+            Err(required(need, codes, stash))
         }
         StepupCheck::Unavailable => Err(Rejection::StepupUnavailable),
     }
+}
+
+/// The refusal of a request that needs a fresh second factor: `codes` when
+/// one of the rule's factors can be sent, else only the identity provider
+/// can help (its `acr_values` and `max_age` go with the redirect there).
+fn required(need: &Need, codes: bool, stash: Option<String>) -> Rejection {
+    let acr_values = need
+        .idp
+        .as_ref()
+        .filter(|i| !i.acr.is_empty())
+        .map(|i| i.acr.join(" "));
+    Rejection::StepUpRequired {
+        max_age: need.max_age.as_secs(),
+        acr_values,
+        codes,
+        stash,
+    }
+}
+
+/// The challenge page (`GET {prefix}/challenge?rd=...`) for a return
+/// target whose rule only the identity provider can satisfy (no factor of
+/// it can be sent). With ingress-nginx, `auth-signin` sends every refusal
+/// to the challenge page; a code form would be no use there, so the page
+/// refuses as proxy mode refuses on `rd` itself: `rescue` sends the browser
+/// to `identity.login_url` with `rd`, the rule's `acr_values` and
+/// `max_age`. `rd` is checked as the page checks it (a path on this host,
+/// else `/`), and matched as a `GET` on this host, as the browser will
+/// request it.
+pub(super) fn idp_only_page<B>(
+    s: &State,
+    req: &Request<B>,
+    sub: &str,
+    ex: &mut Exchange<'_>,
+) -> Result<(), Rejection> {
+    if sub != "/challenge" || !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Ok(());
+    }
+    let query = form::parse(req.uri().query().unwrap_or("").as_bytes());
+    let rd = safe_rd(form::get(&query, "rd"));
+    let path = rd.split(['?', '#']).next().unwrap_or("/");
+    let Ok(path) = normalize_path(path) else {
+        return Ok(());
+    };
+    let rule = s
+        .config
+        .policy
+        .route(&Method::GET, ex.host.as_deref(), &path);
+    let Some(Action::StepUp(need)) = rule.map(|r| &r.action) else {
+        return Ok(());
+    };
+    if s.stepup.sends_codes_for(&need.factors) {
+        return Ok(());
+    }
+    ex.target = rd;
+    Err(required(need, false, None))
 }
