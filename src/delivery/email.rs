@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use askama::Template;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
@@ -12,6 +13,15 @@ use lettre::transport::smtp::AsyncSmtpTransportBuilder;
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::{error_chain, mask_email, minutes_phrase, CodeMessage, DeliveryError, Notifier};
+
+/// The HTML part of a code email (`templates/code_email.html`).
+#[derive(askama::Template)]
+#[template(path = "code_email.html")]
+struct CodeEmail<'a> {
+    product: &'a str,
+    code: &'a str,
+    minutes: &'a str,
+}
 
 /// How the connection to the SMTP server is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -163,19 +173,15 @@ impl EmailNotifier {
             product = msg.product,
             code = msg.code,
         );
-        let product = escape_html(msg.product);
-        let code = escape_html(msg.code);
-        let html = format!(
-            "<!DOCTYPE html>\r\n\
-             <html><head><meta charset=\"utf-8\"><title>Verification code</title></head>\r\n\
-             <body style=\"font-family: sans-serif; line-height: 1.5\">\r\n\
-             <p>Your {product} verification code is:</p>\r\n\
-             <p style=\"font-size: 28px; font-weight: bold; letter-spacing: 4px\">{code}</p>\r\n\
-             <p>It expires in {minutes}.</p>\r\n\
-             <p style=\"color: #666\">If you did not just try to sign in to {product}, ignore this email. \
-             Never share this code with anyone.</p>\r\n\
-             </body></html>\r\n"
-        );
+        // Escaped by the template (askama), like every page the gateway
+        // renders.
+        let html = CodeEmail {
+            product: msg.product,
+            code: msg.code,
+            minutes: &minutes,
+        }
+        .render()
+        .map_err(|e| DeliveryError::Unavailable(format!("email template: {e}")))?;
         Message::builder()
             .from(self.from.clone())
             .to(Mailbox::new(None, to))
@@ -243,20 +249,4 @@ fn tls_parameters(host: &str, ca_file: Option<&PathBuf>) -> Result<TlsParameters
     builder
         .build_rustls()
         .map_err(|e| format!("email: TLS setup for {host}: {e}"))
-}
-
-/// Escapes text for use in HTML element content and quoted attributes.
-fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
