@@ -12,8 +12,11 @@
 //!    which keeps marks) maps key paths like `routes[2].stepup.max_age` to
 //!    their line and column.
 //! 3. `validate/` walks the raw structs once, one file per section, and
-//!    collects *every* semantic problem; it reads no key and builds no
-//!    runtime object, it records what is to be built.
+//!    collects *every* semantic problem. It loads no key file and builds
+//!    no runtime object, it records what is to be built; the only files it
+//!    reads are secrets whose length it checks (`*_file` secrets, and
+//!    `stepup.token.signing_key_file`, whose bytes also say whether it is
+//!    an HS256 secret or a PEM and seed the code-hash key).
 //! 4. `build.rs` builds, once per load, the runtime objects the gateway
 //!    serves with (TLS, CA certificates, the primary-token and token keys,
 //!    notifiers, the store's client, the assertion key), with the code of
