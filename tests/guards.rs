@@ -638,6 +638,65 @@ async fn look_alike_credentials_beside_the_primary_token_are_refused() {
     assert_eq!(res.status, StatusCode::BAD_REQUEST);
     let res = get(&gw.url("/account/x"), &[("authorization", &auth_alice)]).await;
     assert_eq!(res.status, StatusCode::OK);
+
+    // With `from: [cookie]` a bearer header is not read: alone it vouches
+    // for nobody, and beside the cookie it is a second credential, even
+    // when it carries the same token.
+    let yaml = config_yaml(&up.url(), CONSOLE, "").replace(
+        "    algorithms: [HS256]\n",
+        "    algorithms: [HS256]\n    from: [cookie]\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let res = get(&gw.url("/account/x"), &[("authorization", &auth_alice)]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{}", res.text());
+    let res = get(
+        &gw.url("/account/x"),
+        &[("cookie", &cookie_alice), ("authorization", &auth_alice)],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(res.json()["error"], "ambiguous_credentials");
+    let res = get(&gw.url("/account/x"), &[("cookie", &cookie_alice)]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(res.upstream_header_all("x-stepgate-user"), vec!["alice"]);
+
+    // With the identity cookie renamed, a query parameter named like the
+    // cookie and the RFC 6750 `access_token` parameter are both second
+    // credentials; the same token in the header and the renamed cookie is
+    // one credential.
+    let yaml = config_yaml(&up.url(), CONSOLE, "").replace(
+        "    algorithms: [HS256]\n",
+        "    algorithms: [HS256]\n    cookie: id_jwt\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    for q in ["access_token", "id_jwt", "ID.JWT"] {
+        let res = get(
+            &gw.url(&format!("/account/x?{q}={bob}")),
+            &[("authorization", &auth_alice)],
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(res.json()["error"], "ambiguous_credentials", "{q}");
+    }
+    let res = get(
+        &gw.url("/account/x"),
+        &[
+            ("cookie", &format!("ID_JWT={bob}")),
+            ("cookie", &format!("id_jwt={alice}")),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    let res = get(
+        &gw.url("/account/x"),
+        &[
+            ("authorization", &auth_alice),
+            ("cookie", &format!("id_jwt={alice}")),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.upstream_header_all("x-stepgate-user"), vec!["alice"]);
 }
 
 // ------------------------------------------------ second-factor decisions
