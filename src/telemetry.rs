@@ -10,6 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
+
+mod access;
+pub use access::{access, AccessLine};
+use access::{AccessSink, ACCESS_SINK};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -89,6 +93,13 @@ impl LogQueue {
 
     /// Queue one formatted line (never blocks on the sink).
     fn push(&self, line: &[u8]) {
+        self.push_with(|bytes| bytes.extend_from_slice(line));
+    }
+
+    /// Queue one line that `write` appends to the queue's buffer (a whole
+    /// line, ending in `\n`): no intermediate copy. A full queue drops the
+    /// line (counted) without formatting it.
+    fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
         let mut p = match self.state.lock() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
@@ -99,7 +110,7 @@ impl LogQueue {
             return;
         }
         let first = p.lines == 0;
-        p.bytes.extend_from_slice(line);
+        write(&mut p.bytes);
         p.lines += 1;
         drop(p);
         // Only the first line of a batch wakes the writer.
@@ -216,6 +227,14 @@ pub fn init_logging(log: &LogSettings) -> LogGuard {
     };
     if installed.is_err() {
         return LogGuard { writer: None };
+    }
+    // The access line's own formatter writes exactly what the subscriber
+    // would (without colours; with them, the subscriber formats it).
+    if !std::io::stderr().is_terminal() {
+        let _ = ACCESS_SINK.set(AccessSink {
+            queue: queue.clone(),
+            format: log.format,
+        });
     }
     let worker = queue.clone();
     let thread = match std::thread::Builder::new()

@@ -158,18 +158,16 @@ impl Gateway {
         let elapsed = start.elapsed();
         self.metrics
             .request(&ex.rule_label, ex.outcome, ex.mode, elapsed);
-        tracing::info!(
-            target: "stepgate::access",
-            client = %conn.peer.ip(),
-            method = %ex.method,
-            path = %ex.path,
-            status = res.status().as_u16(),
-            rule = %ex.rule_label,
-            outcome = ex.outcome.as_str(),
-            mode = ex.mode.as_str(),
-            ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
+        crate::telemetry::access(&crate::telemetry::AccessLine {
+            client: conn.peer.ip(),
+            method: ex.method.as_str(),
+            path: &ex.path,
+            status: res.status().as_u16(),
+            rule: &ex.rule_label,
+            outcome: ex.outcome.as_str(),
+            mode: ex.mode.as_str(),
+            ms: elapsed.as_secs_f64() * 1000.0,
+        });
         res
     }
 }
