@@ -52,7 +52,8 @@ pub fn wants_upgrade(req_headers: &HeaderMap, version: Version) -> bool {
         && connection_tokens(req_headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+/// The header names the `Connection` headers list (trimmed, as sent).
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -62,24 +63,29 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Whether `name` is hop-by-hop in a message whose `Connection` headers
+/// list `named` ([`connection_tokens`]): a fixed hop-by-hop name, one the
+/// `Connection` header names, or `Upgrade` unless it is kept.
+pub(crate) fn is_hop_by_hop(name: &HeaderName, keep_upgrade: bool, named: &[&str]) -> bool {
+    if *name == header::UPGRADE {
+        return !keep_upgrade;
+    }
+    HOP_BY_HOP.contains(name) || named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
+}
+
 /// Remove hop-by-hop headers, including those the `Connection` header
 /// names. Runs before the gateway sets any header of its own, so a client
-/// cannot use `Connection` to strip what the gateway adds.
+/// cannot use `Connection` to strip what the gateway adds. One pass over
+/// the names present; only those found are removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+    let named: Vec<&str> = connection_tokens(headers).collect();
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n, keep_upgrade, &named))
+        .cloned()
         .collect();
-    for name in named {
-        if keep_upgrade && name == header::UPGRADE {
-            continue;
-        }
-        headers.remove(&name);
-    }
-    for name in &HOP_BY_HOP {
+    for name in doomed {
         headers.remove(name);
-    }
-    if !keep_upgrade {
-        headers.remove(header::UPGRADE);
     }
 }
 

@@ -6,6 +6,7 @@
 //! and is bound to one subject and one primary session (`ses`, a hash of the
 //! session so the token does not reveal it).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -123,6 +124,20 @@ pub struct Tokens {
     decoding: DecodingKey,
     lifetime: Duration,
     validation: Validation,
+    /// Tokens that passed [`Tokens::verify`], for [`Tokens::verify_cached`].
+    verified: Arc<quick_cache::sync::Cache<[u8; 32], Verified>>,
+}
+
+/// Verified second-factor tokens kept at most (per policy: a reload, and
+/// so any change of the signing key, starts an empty cache).
+pub const VERIFIED_TOKENS: usize = 10_000;
+
+#[derive(Clone)]
+struct Verified {
+    factor: SecondFactor,
+    /// Unix seconds after which verification would refuse the token as
+    /// expired (`exp` + leeway).
+    valid_until: u64,
 }
 
 impl Tokens {
@@ -143,6 +158,7 @@ impl Tokens {
             decoding,
             lifetime: cfg.lifetime,
             validation,
+            verified: Arc::new(quick_cache::sync::Cache::new(VERIFIED_TOKENS)),
         })
     }
 
@@ -172,6 +188,42 @@ impl Tokens {
         let mut header = Header::new(self.algorithm);
         header.typ = Some(TOKEN_TYPE.into());
         jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|_| TokenError::Invalid)
+    }
+
+    /// [`Tokens::verify`], remembering tokens that pass: a token presented
+    /// again is found by the SHA-256 of the whole token instead of being
+    /// decoded and its signature checked again. An entry is used only
+    /// while verification would still accept the token (until `exp` plus
+    /// the leeway); the cache belongs to this `Tokens`, built per policy
+    /// with its key, so a new key never finds an old entry. Refused tokens
+    /// are not cached. What changes per request (revocation, a one-time
+    /// spend, the rule's `max_age`) is for the caller to check every time.
+    pub fn verify_cached(&self, token: &str) -> Result<SecondFactor, TokenError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        if let Some(hit) = self.verified.get(&digest) {
+            if now <= hit.valid_until {
+                return Ok(hit.factor);
+            }
+            self.verified.remove(&digest);
+        }
+        let factor = self.verify(token)?;
+        let valid_until = factor.exp.saturating_add(self.validation.leeway);
+        if now <= valid_until {
+            self.verified.insert(
+                digest,
+                Verified {
+                    factor: factor.clone(),
+                    valid_until,
+                },
+            );
+        }
+        Ok(factor)
+    }
+
+    /// Verified tokens cached (for tests).
+    pub fn verified_len(&self) -> usize {
+        self.verified.len()
     }
 
     /// Check signature, type, issuer, audience and expiry.
@@ -274,6 +326,51 @@ mod tests {
             header: http::HeaderName::from_static("x-second-factor-token"),
         })
         .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    // The cache of verified tokens answers only for a token that passed
+    // verification, only until exp + leeway, and only for the key that
+    // verified it; refused tokens are never cached.
+    fn verified_tokens_are_cached_until_exp_and_per_key() {
+        let t = tokens(&[1; 32]);
+        let tok = t.issue("alice", "sid:1", Channel::Email).unwrap_or_default();
+        let sf = t.verify_cached(&tok).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.verified_len(), 1);
+        assert_eq!(t.verify_cached(&tok), Ok(sf.clone()));
+        // Another key (a reload with a new key builds new Tokens) neither
+        // accepts the token nor sees the entry.
+        let other = tokens(&[2; 32]);
+        assert_eq!(other.verify_cached(&tok), Err(TokenError::Invalid));
+        assert_eq!(other.verified_len(), 0);
+        // Refused tokens are not cached, however often they come.
+        let forged = format!("{tok}x");
+        for _ in 0..2 {
+            assert!(t.verify_cached(&forged).is_err());
+        }
+        assert_eq!(t.verified_len(), 1);
+        // An entry is served only while now <= valid_until: planted for a
+        // string that is no token at all, it answers while valid and is
+        // dropped (and the string refused) once past.
+        let key = |s: &str| -> [u8; 32] { Sha256::digest(s.as_bytes()).into() };
+        let now = unix_now();
+        t.verified.insert(
+            key("planted"),
+            Verified {
+                factor: sf.clone(),
+                valid_until: now + 60,
+            },
+        );
+        assert_eq!(t.verify_cached("planted"), Ok(sf.clone()));
+        t.verified.insert(
+            key("planted"),
+            Verified {
+                factor: sf,
+                valid_until: now - 1,
+            },
+        );
+        assert_eq!(t.verify_cached("planted"), Err(TokenError::Invalid));
+        assert!(t.verified.get(&key("planted")).is_none());
     }
 
     #[test]

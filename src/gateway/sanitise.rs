@@ -87,23 +87,43 @@ const RESERVED: &[(Name, Treatment)] = &[
     (Exact("content-length"), Read),
 ];
 
+/// The first letters of the [`RESERVED`] names (`_` read as `-`): a name
+/// starting with any other letter is not listed there.
+const RESERVED_FIRST: [bool; 256] = {
+    let mut first = [false; 256];
+    let mut i = 0;
+    while i < RESERVED.len() {
+        let (Exact(n) | Prefix(n)) = &RESERVED[i].0;
+        first[n.as_bytes()[0] as usize] = true;
+        i += 1;
+    }
+    first
+};
+
 pub(super) fn run(s: &State, req: &mut Request<Body>, ex: &mut Exchange<'_>) {
     ex.upgrade = ex.mode == Mode::Proxy && proxy::wants_upgrade(req.headers(), req.version());
     let headers = req.headers_mut();
-    proxy::strip_hop_by_hop(headers, ex.upgrade);
     let trusts_identity = s.auth.trusts_header_from(ex.conn.peer.ip());
+    // One pass over the names present: hop-by-hop ones (and those
+    // `Connection` names), then the listed ones; only those found are
+    // removed.
+    let named: Vec<&str> = proxy::connection_tokens(headers).collect();
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| match listed(s, trusts_identity, name.as_str()) {
-            None => false,
-            // An alias spelling of a listed header: nothing checks it.
-            Some((false, _)) => true,
-            Some((true, Remove)) => true,
-            Some((true, TrustedProxyOnly)) => !ex.trusted_proxy,
-            Some((true, Read)) => false,
+        .filter(|name| {
+            proxy::is_hop_by_hop(name, ex.upgrade, &named)
+                || match listed(s, trusts_identity, name.as_str()) {
+                    None => false,
+                    // An alias spelling of a listed header: nothing checks it.
+                    Some((false, _)) => true,
+                    Some((true, Remove)) => true,
+                    Some((true, TrustedProxyOnly)) => !ex.trusted_proxy,
+                    Some((true, Read)) => false,
+                }
         })
         .cloned()
         .collect();
+    drop(named);
     remove_all(headers, doomed);
 }
 
@@ -128,6 +148,9 @@ fn listed(s: &State, trusts_identity: bool, name: &str) -> Option<(bool, Treatme
         .find(|(n, _)| same_name(name, n.as_str()))
         .map(|(n, t)| (name == n.as_str(), t));
     configured.or_else(|| {
+        if !RESERVED_FIRST[usize::from(name.as_bytes().first().copied().map_or(0, dash))] {
+            return None;
+        }
         RESERVED.iter().find_map(|(n, t)| match n {
             Exact(n) if same_name(name, n) => Some((name == *n, *t)),
             Prefix(p) if same_prefix(name, p) => Some((!name.contains('_'), *t)),

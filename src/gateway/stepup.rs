@@ -26,13 +26,12 @@ pub(super) async fn run(
     let id = req
         .extensions()
         .get::<Identity>()
-        .cloned()
         .ok_or(Rejection::Unauthenticated)?;
     let client = ex.conn.peer.ip();
     // Boxed: large and off the plain-proxy path.
     let check = Box::pin(
         s.stepup
-            .check(req.headers(), &id, rule, need, client, ex.mode),
+            .check(req.headers(), id, rule, need, client, ex.mode),
     )
     .await;
     match check {
@@ -50,6 +49,11 @@ pub(super) async fn run(
             // keep; nor is there when only the identity provider can help
             // (the browser goes to sign in there, not to the challenge page).
             let stash = if ex.mode == Mode::Proxy && ex.client == Client::FormPost && codes {
+                let id = req
+                    .extensions()
+                    .get::<Identity>()
+                    .cloned()
+                    .ok_or(Rejection::Unauthenticated)?;
                 Box::pin(s.stepup.stash_form(req, &id, ex.host.as_deref())).await
             } else {
                 None

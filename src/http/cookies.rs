@@ -9,10 +9,29 @@ use http::HeaderMap;
 
 /// The `name=value` pairs of one `Cookie` header value, as bytes.
 fn pairs(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|b| *b == b';')
+    split_any(value, b';', b';')
         .map(|p| p.trim_ascii())
         .filter(|p| !p.is_empty())
+}
+
+/// `value` split on `a` and on `b`, like `<[u8]>::split` (empty pieces
+/// included), found with `memchr`: second-factor and primary tokens make
+/// cookie headers long, and they are read several times per request.
+pub(crate) fn split_any(value: &[u8], a: u8, b: u8) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(value);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr2(a, b, r) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
 }
 
 /// The name of a `name=value` pair (the whole pair when it has no `=`).
@@ -122,6 +141,27 @@ mod tests {
             .iter()
             .map(|v| v.as_bytes().to_vec())
             .collect()
+    }
+
+    #[test]
+    // The memchr split is `<[u8]>::split` on either byte, empty pieces and
+    // all.
+    fn split_any_is_split() {
+        for v in [
+            &b""[..],
+            b";",
+            b"a",
+            b"a;b",
+            b";a;;b;",
+            b"a,b;c",
+            b",;,",
+            b"x=1; y=2, z=3",
+        ] {
+            let want: Vec<&[u8]> = v.split(|c| *c == b';' || *c == b',').collect();
+            assert_eq!(split_any(v, b';', b',').collect::<Vec<_>>(), want);
+            let want: Vec<&[u8]> = v.split(|c| *c == b';').collect();
+            assert_eq!(split_any(v, b';', b';').collect::<Vec<_>>(), want);
+        }
     }
 
     #[test]

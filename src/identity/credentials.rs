@@ -90,15 +90,24 @@ fn bearer(v: &[u8]) -> Option<&str> {
         .iter()
         .rposition(|b| *b != b'=')
         .map_or(&[][..], |i| &token[..=i]);
-    if b64.is_empty()
-        || !b64
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(b))
-    {
+    if b64.is_empty() || !b64.iter().all(|b| TOKEN68[usize::from(*b)]) {
         return None;
     }
     std::str::from_utf8(token).ok()
 }
+
+/// The bytes of a token68 before its `=` padding: ALPHA DIGIT `-._~+/`
+/// (a table: primary tokens are long and checked on every request).
+const TOKEN68: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        i += 1;
+    }
+    t
+};
 
 /// Every cookie name in the `Cookie` headers as a lenient parser sees
 /// them: split on `;` and on `,`.
@@ -106,7 +115,7 @@ fn cookie_names(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(COOKIE)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b';' || *b == b','))
+        .flat_map(|v| crate::http::cookies::split_any(v.as_bytes(), b';', b','))
         .filter_map(|p| p.iter().position(|b| *b == b'=').map(|i| &p[..i]))
 }
 
@@ -159,6 +168,12 @@ mod tests {
             b"abc",
         ] {
             assert_eq!(bearer(v), None, "{}", String::from_utf8_lossy(v));
+        }
+        // Every byte: exactly ALPHA DIGIT -._~+/ make a token68.
+        for b in 0..=255u8 {
+            let v = [&b"Bearer a"[..], &[b]].concat();
+            let token68 = b.is_ascii_alphanumeric() || b"-._~+/".contains(&b);
+            assert_eq!(bearer(&v).is_some(), token68 || b == b'=', "byte {b:#x}");
         }
     }
 

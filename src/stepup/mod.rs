@@ -264,7 +264,7 @@ impl Stepup {
         let Some(token) = self.presented_token(headers) else {
             return StepupCheck::Needed;
         };
-        let sf = match self.tokens.verify(token) {
+        let sf = match self.tokens.verify_cached(token) {
             Ok(sf) => sf,
             Err(e) => {
                 tracing::debug!(error = %e, "second-factor token refused");
