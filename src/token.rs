@@ -334,7 +334,9 @@ mod tests {
     // verified it; refused tokens are never cached.
     fn verified_tokens_are_cached_until_exp_and_per_key() {
         let t = tokens(&[1; 32]);
-        let tok = t.issue("alice", "sid:1", Channel::Email).unwrap_or_default();
+        let tok = t
+            .issue("alice", "sid:1", Channel::Email)
+            .unwrap_or_default();
         let sf = t.verify_cached(&tok).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.verified_len(), 1);
         assert_eq!(t.verify_cached(&tok), Ok(sf.clone()));
