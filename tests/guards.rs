@@ -751,6 +751,54 @@ async fn freshness_refuses_a_factor_older_than_max_age() {
     );
 }
 
+both_stores!(one_time_idp_sign_in_stays_spent_after_the_request,);
+
+// Protects the lifetime of the mark that spends a one-time sign-in at the
+// identity provider: it must outlive every second the sign-in is accepted
+// (`max_age` after `auth_time`, which may be up to the allowed skew in the
+// future). A mark kept `max_age - skew` (1 s for this 31 s rule) would let
+// the same sign-in in again within seconds; here every replay in the
+// seconds after the spend is refused, and a new sign-in is admitted.
+async fn one_time_idp_sign_in_stays_spent_after_the_request(redis: bool) {
+    let env = Env::start_edited(redis, OTP, |y| {
+        y.replace(
+            "routes:\n",
+            "routes:\n  - name: payroll\n    path: /payroll/**\n    stepup: { max_age: 31s, one_time: true, idp: { amr: [mfa] } }\n",
+        )
+    })
+    .await;
+    let signed_in = |auth_time: u64| {
+        let now = stepgate::token::unix_now();
+        format!(
+            "Bearer {}",
+            sign(&serde_json::json!({
+                "sub": "paula", "iss": "https://idp.test", "aud": "legacy-app",
+                "iat": now, "exp": now + 3600, "sid": "s-paula",
+                "amr": ["pwd", "mfa"], "auth_time": auth_time,
+            }))
+        )
+    };
+    let t0 = stepgate::token::unix_now();
+    let auth = signed_in(t0);
+    let res = get(&env.gw.url("/payroll/run"), &[("authorization", &auth)]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.upstream_header_all("x-stepgate-stepup"), vec!["idp"]);
+    let mut replays = 0;
+    while stepgate::token::unix_now() < t0 + 3 {
+        let res = get(&env.gw.url("/payroll/run"), &[("authorization", &auth)]).await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "replay {replays}");
+        replays += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(replays > 0);
+    let res = get(
+        &env.gw.url("/payroll/run"),
+        &[("authorization", &signed_in(t0 + 1))],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+}
+
 both_stores!(lockout_refuses_verification_of_a_correct_code,);
 
 // Protects the lockout check on verification: a locked user's correct code

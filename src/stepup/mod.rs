@@ -563,4 +563,56 @@ mod tests {
         let old = br#"{"i":"abc","s":"x","t":"/","b":""}"#;
         assert_eq!(Stash::decode(old, "abc", &alice), None);
     }
+
+    #[test]
+    // The identity provider's sign-in counts up to and including the second
+    // it is exactly `max_age` old and up to the allowed skew in the future,
+    // never a second beyond either; a listed amr or a listed acr suffices.
+    fn idp_proof_edges() {
+        let factor = crate::policy::IdpFactor {
+            amr: vec!["mfa".into()],
+            acr: vec!["loa2".into()],
+        };
+        let max_age = Duration::from_secs(300);
+        let signed_in = |auth_time: u64, amr: &[&str], acr: Option<&str>| Identity {
+            amr: amr.iter().map(|a| a.to_string()).collect(),
+            acr: acr.map(str::to_string),
+            auth_time: Some(auth_time),
+            ..identity("sid:1")
+        };
+        let accepted =
+            |id: &Identity| idp_proof(id, &factor, max_age).map(|p| (p.auth_time, p.amr, p.acr));
+        // A round whose clock second changed part-way (a loaded machine)
+        // is run again, so every case is decided against the `now` it was
+        // built for.
+        for _ in 0..50 {
+            let now = unix_now();
+            let old = now - max_age.as_secs();
+            let ahead = now + AUTH_TIME_SKEW;
+            let got = [
+                accepted(&signed_in(old, &["pwd", "mfa"], None)),
+                accepted(&signed_in(old - 1, &["mfa"], None)),
+                accepted(&signed_in(ahead, &[], Some("loa2"))),
+                accepted(&signed_in(ahead + 1, &["mfa"], Some("loa2"))),
+                accepted(&signed_in(now, &["pwd"], Some("loa1"))),
+            ];
+            if unix_now() != now {
+                continue;
+            }
+            let mfa = vec!["pwd".to_string(), "mfa".to_string()];
+            assert_eq!(
+                got,
+                [
+                    Some((old, mfa, None)),
+                    None,
+                    Some((ahead, Vec::new(), Some("loa2".to_string()))),
+                    None,
+                    None,
+                ]
+            );
+            assert_eq!(idp_proof(&identity("sid:1"), &factor, max_age), None);
+            return;
+        }
+        panic!("the clock never held still for one round");
+    }
 }
