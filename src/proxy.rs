@@ -108,8 +108,9 @@ pub fn set_forwarded(
     trusted_proxy: bool,
     host: Option<&str>,
 ) {
-    let peer_ip = conn.peer.ip().to_string();
+    let proto = HeaderValue::from_static(if conn.tls { "https" } else { "http" });
     if trusted_proxy {
+        let peer_ip = conn.peer.ip().to_string();
         let prior: Vec<String> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -123,11 +124,7 @@ pub fn set_forwarded(
         xff.push_str(&peer_ip);
         set(headers, X_FORWARDED_FOR, &xff);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            set(
-                headers,
-                X_FORWARDED_PROTO,
-                if conn.tls { "https" } else { "http" },
-            );
+            headers.insert(X_FORWARDED_PROTO, proto);
         }
         if !headers.contains_key(&X_FORWARDED_HOST) {
             if let Some(h) = host {
@@ -136,17 +133,46 @@ pub fn set_forwarded(
         }
     } else {
         headers.remove(&FORWARDED);
-        set(headers, X_FORWARDED_FOR, &peer_ip);
-        set(
-            headers,
-            X_FORWARDED_PROTO,
-            if conn.tls { "https" } else { "http" },
-        );
-        headers.remove(&X_FORWARDED_HOST);
-        if let Some(h) = host {
-            set(headers, X_FORWARDED_HOST, h);
+        headers.insert(X_FORWARDED_FOR, ip_value(conn.peer.ip()));
+        headers.insert(X_FORWARDED_PROTO, proto);
+        // The client's own is replaced, or removed when there is no host
+        // (or it is not a valid value).
+        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            Some(v) => {
+                headers.insert(X_FORWARDED_HOST, v);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
         }
     }
+}
+
+/// An IP address as a header value (IPv4 digits written directly).
+fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    let std::net::IpAddr::V4(v4) = ip else {
+        // Digits, ':' and '.' only: always a valid value.
+        return HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""));
+    };
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static(""))
 }
 
 fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
@@ -510,6 +536,48 @@ mod tests {
             Some("app.example.com")
         );
         assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    // The peer address is written exactly as Display writes it.
+    fn ip_values_are_the_display_form() {
+        let mut ips: Vec<std::net::IpAddr> = [0u8, 1, 9, 10, 99, 100, 199, 200, 255]
+            .iter()
+            .flat_map(|&a| {
+                [
+                    [a, 0, 7, 255],
+                    [255, a, 10, 1],
+                    [1, 2, a, 100],
+                    [9, 99, 199, a],
+                ]
+            })
+            .map(std::net::IpAddr::from)
+            .collect();
+        ips.push("::1".parse().expect("v6"));
+        ips.push("2001:db8::8a2e:370:7334".parse().expect("v6"));
+        ips.push("::ffff:1.2.3.4".parse().expect("v6"));
+        for ip in ips {
+            assert_eq!(ip_value(ip).to_str().ok(), Some(ip.to_string().as_str()));
+        }
+    }
+
+    #[test]
+    // An untrusted client's X-Forwarded-Host never survives: replaced by
+    // the host, or removed when there is none (or it is not a valid value).
+    fn untrusted_forwarded_host_is_replaced_or_removed() {
+        let conn = ClientConn {
+            peer: SocketAddr::from(([127, 0, 0, 9], 1234)),
+            tls: false,
+        };
+        for host in [None, Some("bad\nhost")] {
+            let mut h = headers(&[("x-forwarded-host", "evil.example")]);
+            set_forwarded(&mut h, &conn, false, host);
+            assert!(h.get("x-forwarded-host").is_none(), "{host:?}");
+            assert_eq!(
+                h.get("x-forwarded-proto").and_then(|v| v.to_str().ok()),
+                Some("http")
+            );
+        }
     }
 
     #[test]
