@@ -335,7 +335,9 @@ where
     B::Error: Into<BoxError>,
 {
     use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(gw.handle(req, conn))
+    // Boxed once where it is made: the request's future is large, and
+    // each await level would otherwise move (copy) it again.
+    match std::panic::AssertUnwindSafe(Box::pin(gw.handle(req, conn)))
         .catch_unwind()
         .await
     {
