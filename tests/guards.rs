@@ -699,6 +699,44 @@ async fn look_alike_credentials_beside_the_primary_token_are_refused() {
     assert_eq!(res.upstream_header_all("x-stepgate-user"), vec!["alice"]);
 }
 
+#[tokio::test]
+// Protects the request-target limit (`listen.max_uri_bytes`): a target of
+// exactly the limit is decided and forwarded, one byte more is 414, both
+// for the request itself and for the original request a forward-auth
+// proxy describes.
+async fn request_targets_up_to_max_uri_bytes_and_not_one_byte_more() {
+    const MAX: usize = 256;
+    let up = support::upstream::Upstream::start().await;
+    let yaml = config_yaml(&up.url(), CONSOLE, "").replace(
+        "  drain_timeout: 5s\n",
+        &format!(
+            "  drain_timeout: 5s\n  max_uri_bytes: {MAX}\n  trusted_proxies: [127.0.0.1/32]\n"
+        ),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let target = |len: usize| format!("/assets/{}", "a".repeat(len - "/assets/".len()));
+    let res = get(&gw.url(&target(MAX)), &[]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(up.hits(), 1);
+    let res = get(&gw.url(&target(MAX + 1)), &[]).await;
+    assert_eq!(res.status, StatusCode::URI_TOO_LONG);
+    assert_eq!(up.hits(), 1);
+    for (len, status) in [(MAX, StatusCode::OK), (MAX + 1, StatusCode::URI_TOO_LONG)] {
+        let uri = target(len);
+        let res = get(
+            &gw.url("/.stepgate/auth"),
+            &[
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "app.test"),
+                ("x-forwarded-uri", &uri),
+            ],
+        )
+        .await;
+        assert_eq!(res.status, status, "forward-auth target of {len} bytes");
+    }
+}
+
 // ------------------------------------------------ second-factor decisions
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
