@@ -609,6 +609,31 @@ async fn malformed_requests_get_4xx(redis: bool) {
         assert_eq!(res.status.as_u16(), *want, "{path} {body}: {}", res.text());
         assert!(res.json()["error"].is_string(), "{body}");
     }
+    // A valid body well under the 8 KiB limit is read whole (whitespace
+    // padding; "pigeon" is parsed and refused as an unknown method).
+    let padded = format!(r#"{{"method":"pigeon"{}}}"#, " ".repeat(4_000));
+    let res = post_json(&env.gw, "/.stepgate/api/otp", &u, &padded).await;
+    assert_eq!(res.status.as_u16(), 422, "{}", res.text());
+    // Each API path answers only its own method.
+    let json = [
+        ("authorization", u.auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (method, path) in [
+        (Method::POST, "/.stepgate/api/methods"),
+        (Method::DELETE, "/.stepgate/api/methods"),
+        (Method::GET, "/.stepgate/api/otp"),
+        (Method::GET, "/.stepgate/api/otp/verify"),
+        (Method::PUT, "/.stepgate/api/otp/verify"),
+    ] {
+        let res = request(method.clone(), &env.gw.url(path), &json, Bytes::new()).await;
+        assert_eq!(
+            res.status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert!(res.json()["error"].is_string(), "{method} {path}");
+    }
     let res = request(
         Method::POST,
         &env.gw.url("/.stepgate/api/otp"),
