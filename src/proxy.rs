@@ -2,19 +2,21 @@
 //! and forwarded headers, streaming bodies both ways, WebSocket upgrades.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
+use tower::Service;
 
 use crate::assertion::AssertionSettings;
 
@@ -217,10 +219,19 @@ pub struct Settings {
 }
 
 /// Forwards requests to the one upstream over pooled connections.
+///
+/// The pool is ours rather than hyper-util's legacy `Client`: one upstream
+/// needs no per-host map (whose key the legacy pool hashed four times per
+/// request), and a connection goes back to the pool when its response body
+/// ends, from the task that read it, instead of from a task spawned per
+/// request to wait for it.
 pub struct Proxy {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
-    scheme: Scheme,
-    authority: Authority,
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`, what the connector dials.
+    dial: Uri,
+    /// The upstream's authority, the `Host` of a request that has none.
+    host: HeaderValue,
+    pool: Arc<Pool>,
     /// The upstream URL's path without its trailing slash ("" for none).
     base_path: String,
     timeout: Duration,
@@ -236,33 +247,53 @@ impl Proxy {
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         let tls = upstream_tls(ca)?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .build(https);
-        let scheme = cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP);
         let authority = cfg
             .url
             .authority()
             .cloned()
             .ok_or_else(|| "upstream URL has no host".to_string())?;
+        let scheme = cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
+        let dial = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("upstream URL: {e}"))?;
+        // As hyper-util set it: the host, and the port unless it is the
+        // scheme's default.
+        let default_port = if scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host = match authority.port_u16() {
+            Some(p) if p != default_port => format!("{}:{p}", authority.host()),
+            _ => authority.host().to_string(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|e| format!("upstream host: {e}"))?;
         let base_path = cfg.url.path().trim_end_matches('/').to_string();
         Ok(Proxy {
-            client,
-            scheme,
-            authority,
+            connector,
+            dial,
+            host,
+            pool: Arc::new(Pool {
+                idle: Mutex::new(Vec::new()),
+                max_idle: cfg.pool_max_idle_per_host,
+                idle_timeout: cfg.pool_idle_timeout,
+                reaper: std::sync::Once::new(),
+            }),
             base_path,
             timeout: cfg.timeout,
         })
     }
 
-    /// The upstream URI for a normalised path and the raw query.
+    /// The upstream request target (origin form: the upstream's path
+    /// prefix, the normalised path, the raw query).
     pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -274,12 +305,7 @@ impl Proxy {
             pq.push_str(q);
         }
         let pq = PathAndQuery::try_from(pq).map_err(|e| ProxyError::Upstream(e.to_string()))?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| ProxyError::Upstream(e.to_string()))
+        Ok(Uri::from(pq))
     }
 
     /// Send a prepared request (headers already sanitised) upstream and
@@ -298,6 +324,9 @@ impl Proxy {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
+        req.headers_mut()
+            .entry(header::HOST)
+            .or_insert_with(|| self.host.clone());
         // `timeout` runs from the last request body progress, not from the
         // start: a large upload that keeps moving is never cut off, an
         // upstream that stops answering is (like nginx's proxy timeouts).
@@ -309,12 +338,12 @@ impl Proxy {
             }
             .boxed()
         });
-        let fut = self.client.request(req);
+        let fut = self.send(req);
         tokio::pin!(fut);
-        let res = loop {
+        let (res, conn) = loop {
             let seen = progress.last();
             tokio::select! {
-                res = &mut fut => break res,
+                res = &mut fut => break res?,
                 () = tokio::time::sleep_until(progress.deadline(seen, self.timeout)) => {
                     if progress.last() == seen {
                         return Err(ProxyError::Timeout(self.timeout));
@@ -322,16 +351,11 @@ impl Proxy {
                 }
             }
         };
-        let res = match res {
-            Err(e) if e.is_connect() => return Err(ProxyError::Connect(error_chain(&e))),
-            Err(e) => return Err(ProxyError::Upstream(error_chain(&e))),
-            Ok(res) => res,
-        };
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             // A 101 nobody asked for would hand the client's connection to
             // the upstream's protocol, past the policy: refuse it.
             return match client_upgrade {
-                Some(client_upgrade) => Ok(splice_upgrade(res, client_upgrade)),
+                Some(client_upgrade) => Ok(splice_upgrade(res, client_upgrade, conn)),
                 None => Err(ProxyError::Upstream(
                     "101 Switching Protocols without an upgrade request".into(),
                 )),
@@ -342,10 +366,201 @@ impl Proxy {
         // The client's protocol is ours, not the upstream's (an HTTP/1.0
         // upstream must not turn our answer into an HTTP/1.0 one).
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(BoxError::from).boxed(),
-        ))
+        let body = PooledBody {
+            inner: body,
+            conn: Some(conn),
+            pool: self.pool.clone(),
+        };
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// Send on an idle pooled connection, or a new one. A request that was
+    /// never written (the connection closed while idle in the pool) is sent
+    /// again on another connection, as hyper-util's client did; one that
+    /// may have reached the upstream never is.
+    async fn send(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, SendRequest<Body>), ProxyError> {
+        loop {
+            let (mut conn, reused) = match self.pool.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            // A pooled connection may still be finishing its last exchange
+            // (its body was read to the end, the connection task has yet to
+            // see it); one that has closed meanwhile was never sent on.
+            if reused && conn.ready().await.is_err() {
+                continue;
+            }
+            match conn.try_send_request(req).await {
+                Ok(res) => return Ok((res, conn)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(ProxyError::Upstream(error_chain(&e.into_error()))),
+                },
+            }
+        }
+    }
+
+    /// A new HTTP/1.1 connection (TLS for an `https` upstream), its
+    /// connection task spawned.
+    async fn connect(&self) -> Result<SendRequest<Body>, ProxyError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| ProxyError::Connect(error_chain(&*e)))?;
+        let io = connector
+            .call(self.dial.clone())
+            .await
+            .map_err(|e| ProxyError::Connect(error_chain(&*e)))?;
+        let (conn, task) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::Connect(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = task.with_upgrades().await {
+                tracing::debug!(error = %error_chain(&e), "upstream connection failed");
+            }
+        });
+        Ok(conn)
+    }
+}
+
+/// Idle upstream connections, the most recently used last.
+struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    /// Starts the task that closes expired connections, once.
+    reaper: std::sync::Once,
+}
+
+struct Idle {
+    conn: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Pool {
+    fn checkout(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(e) = idle.pop() {
+            if !e.conn.is_closed() && e.since.elapsed() < self.idle_timeout {
+                return Some(e.conn);
+            }
+        }
+        None
+    }
+
+    /// Keep a connection whose exchange has ended, unless the pool is full
+    /// (it is then dropped, which closes it).
+    fn checkin(self: &Arc<Self>, mut conn: SendRequest<Body>) {
+        if conn.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        if !conn.is_ready() {
+            // Its connection task has not yet seen the exchange end (or a
+            // request body is still going up): pool it once it is ready,
+            // so a checkout never waits on someone else's exchange.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let pool = self.clone();
+                rt.spawn(async move {
+                    if conn.ready().await.is_ok() {
+                        pool.checkin(conn);
+                    }
+                });
+            }
+            return;
+        }
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() >= self.max_idle {
+                return;
+            }
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+        self.reaper.call_once(|| {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(reap(Arc::downgrade(self)));
+            }
+        });
+    }
+}
+
+/// Close connections idle for longer than the timeout (or closed by the
+/// upstream), until the pool is gone.
+async fn reap(pool: Weak<Pool>) {
+    let every = match pool.upgrade() {
+        Some(p) => p.idle_timeout.max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let expired: Vec<Idle> = {
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let (keep, expired) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|e| !e.conn.is_closed() && e.since.elapsed() < pool.idle_timeout);
+            *idle = keep;
+            expired
+        };
+        drop(expired);
+    }
+}
+
+/// An upstream response body that returns its connection to the pool once
+/// it has been read to the end. A body dropped before its end, or that
+/// failed, takes its connection with it (hyper closes it).
+struct PooledBody {
+    inner: Incoming,
+    conn: Option<SendRequest<Body>>,
+    pool: Arc<Pool>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(conn);
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            std::task::Poll::Ready(None) => self.release(),
+            std::task::Poll::Ready(Some(Err(_))) => self.conn = None,
+            _ => {}
+        }
+        poll.map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // hyper's server stops polling a body that says it has ended.
+        if http_body::Body::is_end_stream(&self.inner) {
+            self.release();
+        }
     }
 }
 
@@ -411,11 +626,15 @@ impl http_body::Body for ProgressBody {
 /// Answer 101 to the client and copy bytes between the two upgraded
 /// connections until either side closes.
 fn splice_upgrade(
-    mut res: Response<hyper::body::Incoming>,
+    mut res: Response<Incoming>,
     client: hyper::upgrade::OnUpgrade,
+    conn: SendRequest<Body>,
 ) -> Response<Body> {
     let upstream = hyper::upgrade::on(&mut res);
     tokio::spawn(async move {
+        // The connection is the tunnel's now, never pooled again; its
+        // sender is kept until both sides have upgraded.
+        let _conn = conn;
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
                 let mut c = TokioIo::new(c);

@@ -1487,3 +1487,154 @@ async fn cross_site_form_posts_are_not_stashed() {
         );
     }
 }
+
+/// What a [`counting_upstream`] saw happen to its connections.
+#[derive(Debug, PartialEq)]
+enum UpstreamConn {
+    Opened,
+    /// The gateway closed it (end of file while waiting for a request).
+    ClosedByGateway,
+}
+
+/// A plain HTTP/1.1 upstream that answers `200 ok` to the first `answers`
+/// request heads on each connection, then closes it: at once, or, with
+/// `swallow`, after reading one more request it never answers. Reports
+/// each connection opened and each one the gateway closed.
+async fn counting_upstream(
+    answers: usize,
+    swallow: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<UpstreamConn>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            let _ = tx.send(UpstreamConn::Opened);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in 0.. {
+                    if answered == answers && !swallow {
+                        return;
+                    }
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                let _ = tx.send(UpstreamConn::ClosedByGateway);
+                                return;
+                            }
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..end);
+                    if answered == answers {
+                        return;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<UpstreamConn>) -> Vec<UpstreamConn> {
+    let mut seen = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        seen.push(e);
+    }
+    seen
+}
+
+#[tokio::test]
+// The upstream pool: one keep-alive connection serves requests one after
+// another, and is closed by the gateway once idle for pool_idle_timeout;
+// with pool_max_idle_per_host 0 nothing is kept.
+async fn upstream_connections_are_reused_and_expire_when_idle() {
+    let (addr, mut events) = counting_upstream(usize::MAX, false).await;
+    let yaml = config_yaml(&format!("http://{addr}"), CONSOLE, "").replace(
+        "  timeout: 2s\n",
+        "  timeout: 2s\n  pool_idle_timeout: 2s\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    for _ in 0..5 {
+        let res = get(&gw.url("/x"), &[]).await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+        assert_eq!(res.text(), "ok");
+    }
+    assert_eq!(drain(&mut events), vec![UpstreamConn::Opened]);
+    let closed = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+    assert_eq!(
+        closed.ok().flatten(),
+        Some(UpstreamConn::ClosedByGateway),
+        "idle connection not closed after pool_idle_timeout"
+    );
+
+    let (addr, mut events) = counting_upstream(usize::MAX, false).await;
+    let yaml = config_yaml(&format!("http://{addr}"), CONSOLE, "").replace(
+        "  timeout: 2s\n",
+        "  timeout: 2s\n  pool_max_idle_per_host: 0\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    for _ in 0..3 {
+        let res = get(&gw.url("/x"), &[]).await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    }
+    let opened = drain(&mut events)
+        .into_iter()
+        .filter(|e| *e == UpstreamConn::Opened)
+        .count();
+    assert_eq!(
+        opened, 3,
+        "a connection was kept with pool_max_idle_per_host 0"
+    );
+}
+
+#[tokio::test]
+// An upstream that closes its keep-alive connections after each answer
+// costs no failed request: a request is never sent on a connection known
+// to be closed, and one not yet written goes out on a new connection. A
+// request the upstream read and then dropped without an answer is a 502,
+// never sent a second time (it may have been acted on).
+async fn upstream_closing_keep_alive_connections() {
+    let (addr, mut events) = counting_upstream(1, false).await;
+    let gw = TestGateway::start(&config_yaml(&format!("http://{addr}"), CONSOLE, "")).await;
+    for i in 0..10 {
+        let res = get(&gw.url("/x"), &[]).await;
+        assert_eq!(res.status, StatusCode::OK, "request {i}: {}", res.text());
+        assert_eq!(res.text(), "ok");
+    }
+    let opened = drain(&mut events)
+        .into_iter()
+        .filter(|e| *e == UpstreamConn::Opened)
+        .count();
+    assert_eq!(opened, 10);
+
+    let (addr, mut events) = counting_upstream(1, true).await;
+    let gw = TestGateway::start(&config_yaml(&format!("http://{addr}"), CONSOLE, "")).await;
+    let res = request(Method::POST, &gw.url("/x"), &[], Bytes::from("a=1")).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    let res = request(Method::POST, &gw.url("/x"), &[], Bytes::from("a=2")).await;
+    assert_eq!(res.status, StatusCode::BAD_GATEWAY, "{}", res.text());
+    assert_eq!(res.json()["error"], "upstream_unavailable");
+    assert_eq!(
+        drain(&mut events),
+        vec![UpstreamConn::Opened],
+        "the unanswered request was sent again"
+    );
+}
