@@ -3,7 +3,7 @@
 //! headers describing the client, on the normalised path.
 
 use http::header::{HeaderValue, HOST};
-use http::{HeaderMap, HeaderName, Request, Response};
+use http::{Extensions, HeaderMap, HeaderName, Request, Response};
 
 use super::{Exchange, State};
 use crate::http::{cookies, Body, Rejection};
@@ -28,22 +28,22 @@ pub(super) const IDENTITY_HEADERS: [HeaderName; 4] = [
 
 pub(super) async fn run(
     s: &State,
-    mut req: Request<Body>,
+    req: Request<Body>,
     ex: &mut Exchange<'_>,
 ) -> Result<Response<Body>, Rejection> {
-    let facts = identity_headers(&req);
     let assertion = s
         .config
         .built
         .assertion
         .as_ref()
         .and_then(|a| sign_assertion(a, &req, ex.rule));
-    let headers = req.headers_mut();
+    let (mut parts, body) = req.into_parts();
+    let headers = &mut parts.headers;
     s.stepup.strip_token(headers);
     // HTTP/2 clients send one `cookie` field per cookie (RFC 9113
     // 8.2.3); an HTTP/1.1 upstream expects them in one header.
     cookies::join(headers);
-    headers.extend(facts);
+    set_identity_headers(headers, &parts.extensions);
     if let Some((name, value)) = assertion {
         headers.insert(name, value);
     }
@@ -55,6 +55,7 @@ pub(super) async fn run(
             headers.insert(HOST, v);
         }
     }
+    let req = Request::from_parts(parts, body);
     let uri = s
         .proxy
         .upstream_uri(&ex.path, req.uri().query())
@@ -106,12 +107,12 @@ pub(super) fn sign_assertion<B>(
     Some((a.header.clone(), HeaderValue::from_str(&token).ok()?))
 }
 
-/// `X-Stepgate-User`, `-Email`, `-Stepup`, `-Stepup-Age` for the identity
-/// and second factor the phases put in the request's extensions (a value
-/// that is not a valid header value is left out, never forwarded raw).
-pub(super) fn identity_headers<B>(req: &Request<B>) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    if let Some(id) = req.extensions().get::<Identity>() {
+/// Set `X-Stepgate-User`, `-Email`, `-Stepup`, `-Stepup-Age` in `out` for
+/// the identity and second factor the phases put in the request's
+/// extensions (a value that is not a valid header value is left out, never
+/// forwarded raw; whatever `out` held under those names is then kept).
+pub(super) fn set_identity_headers(out: &mut HeaderMap, ext: &Extensions) {
+    if let Some(id) = ext.get::<Identity>() {
         if let Ok(v) = HeaderValue::from_str(&id.subject) {
             out.insert(X_STEPGATE_USER, v);
         }
@@ -123,18 +124,13 @@ pub(super) fn identity_headers<B>(req: &Request<B>) -> HeaderMap {
             out.insert(X_STEPGATE_EMAIL, v);
         }
     }
-    let factor = req
-        .extensions()
+    let factor = ext
         .get::<SecondFactor>()
         .map(|sf| (sf.channel.as_str(), sf.auth_time))
-        .or_else(|| {
-            let idp = req.extensions().get::<IdpProof>();
-            idp.map(|p| ("idp", p.auth_time))
-        });
+        .or_else(|| ext.get::<IdpProof>().map(|p| ("idp", p.auth_time)));
     if let Some((factor, auth_time)) = factor {
         out.insert(X_STEPGATE_STEPUP, HeaderValue::from_static(factor));
         let age = crate::token::unix_now().saturating_sub(auth_time);
         out.insert(X_STEPGATE_STEPUP_AGE, HeaderValue::from(age));
     }
-    out
 }

@@ -10,7 +10,7 @@
 use http::header::{HeaderValue, CACHE_CONTROL};
 use http::{HeaderName, Method, Request, Response, StatusCode, Uri};
 
-use super::forward::{identity_headers, sign_assertion, IDENTITY_HEADERS};
+use super::forward::{set_identity_headers, sign_assertion, IDENTITY_HEADERS};
 use super::normalise::valid_host;
 use super::{Exchange, State};
 use crate::http::{empty, Body, Rejection};
@@ -125,7 +125,7 @@ pub(super) fn answer(s: &State, req: &Request<Body>, ex: &mut Exchange<'_>) -> R
     for name in IDENTITY_HEADERS {
         headers.insert(name, HeaderValue::from_static(""));
     }
-    headers.extend(identity_headers(req));
+    set_identity_headers(headers, req.extensions());
     if let Some(a) = &s.config.built.assertion {
         let (name, value) = sign_assertion(a, req, ex.rule)
             .unwrap_or_else(|| (a.header.clone(), HeaderValue::from_static("")));
