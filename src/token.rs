@@ -282,6 +282,17 @@ pub fn session_hash(session: &str) -> String {
     URL_SAFE_NO_PAD.encode(&digest[..18])
 }
 
+/// Whether `binding` is [`session_hash`] of `session`, without allocating
+/// (checked on every step-up request).
+pub fn is_session_hash(binding: &str, session: &str) -> bool {
+    let digest = Sha256::digest(session.as_bytes());
+    // 18 bytes are 24 base64 characters, without padding.
+    let mut buf = [0u8; 24];
+    URL_SAFE_NO_PAD
+        .encode_slice(&digest[..18], &mut buf)
+        .is_ok_and(|n| buf[..n] == *binding.as_bytes())
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -383,6 +394,9 @@ mod tests {
         let sf = t.verify(&tok).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(sf.subject, "alice");
         assert_eq!(sf.session, session_hash("sid:1"));
+        assert!(is_session_hash(&sf.session, "sid:1"));
+        assert!(!is_session_hash(&sf.session, "sid:2"));
+        assert!(!is_session_hash(&sf.session[..23], "sid:1"));
         assert_eq!(sf.channel, Channel::Sms);
         assert!(sf.exp - sf.auth_time <= 900);
     }
