@@ -276,6 +276,12 @@ impl Glob {
     /// segment, and none of `? # [ ] { }`, spaces or control characters
     /// (use `path_regex`, or a percent-escape for a literal character).
     pub fn new(pattern: &str) -> Result<Glob, String> {
+        Glob::parse(pattern)
+    }
+
+    /// The body of [`Glob::new`]; cargo-mutants never mutates a function
+    /// named `new`, and this parser decides which rules can exist.
+    fn parse(pattern: &str) -> Result<Glob, String> {
         let err = |why: &str| format!("invalid glob `{pattern}`: {why}");
         let Some(body) = pattern.strip_prefix('/') else {
             return Err(err("must start with '/'"));
@@ -712,6 +718,12 @@ pub struct HostPattern {
 impl HostPattern {
     /// Parse a host pattern; `Err` explains why it is invalid.
     pub fn new(s: &str) -> Result<HostPattern, String> {
+        HostPattern::parse(s)
+    }
+
+    /// The body of [`HostPattern::new`], named so that cargo-mutants
+    /// mutates it (it skips every function named `new`).
+    fn parse(s: &str) -> Result<HostPattern, String> {
         let err = |why: &str| format!("invalid host `{s}`: {why}");
         let lower = s.to_ascii_lowercase();
         let (wildcard, name) = match lower.strip_prefix("*.") {
@@ -1457,6 +1469,34 @@ mod tests {
         }
         assert!(HostPattern::new("example.com.").is_ok_and(|h| h.as_str() == "example.com"));
         assert!(HostPattern::new("10.0.0.1").is_ok());
+    }
+
+    #[test]
+    fn host_pattern_syntax_edges() {
+        // protects against the host parser drifting at its edges: the DNS
+        // limits (253-character name, 63-character label) moving by one,
+        // `-` or `_` refused in a name, or a bracketed "IPv6 address" of
+        // any text (or none) accepted
+        let ok = |h: &str| HostPattern::new(h).is_ok();
+        let l63 = "a".repeat(63);
+        assert!(ok(&format!("{l63}.example")));
+        assert!(!ok(&format!("{l63}b.example")));
+        let n253 = format!("{l63}.{l63}.{l63}.{}", "b".repeat(61));
+        assert_eq!(n253.len(), 253);
+        assert!(ok(&n253));
+        assert!(ok(&format!("*.{n253}")));
+        assert!(!ok(&format!("{n253}b")));
+        assert!(!ok(&format!("*.{n253}b")));
+        for h in ["my-app.example.com", "my_app.example.com", "a-b_c.example"] {
+            assert!(ok(h), "{h:?} should be accepted");
+        }
+        assert!(HostPattern::new("*.My-App.example").is_ok_and(|h| h.matches("x.my-app.EXAMPLE")));
+        for h in ["[::1]", "[::ffff:10.0.0.1]", "[2001:DB8::1]"] {
+            assert!(ok(h), "{h:?} should be accepted");
+        }
+        for h in ["[]", "[zz::1]", "[::1%25eth0]", "[::1/64]", "[fe80::1 ]"] {
+            assert!(!ok(h), "{h:?} should be rejected");
+        }
     }
 
     #[test]
