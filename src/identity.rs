@@ -25,7 +25,7 @@ pub use self::settings::{ClaimNames, JwtKeys, JwtSettings, Settings, TrustedHead
 use crate::telemetry::Metrics;
 
 /// The signed-in user behind a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Identity {
     pub subject: String,
     pub email: Option<String>,
@@ -33,11 +33,39 @@ pub struct Identity {
     /// The primary session: `sid:<sid claim>`, else `jwt:<hash of the
     /// token>`, else `hdr:<subject>` for trusted-header identities.
     pub session: String,
+    /// [`session_binding`](crate::token::session_binding) of `session`,
+    /// what second-factor tokens are bound to: made with a JWT identity
+    /// (so a cached token carries it), on first use for the others.
+    pub(crate) binding: std::sync::OnceLock<[u8; 24]>,
     /// What the sign-in at the identity provider proved (the token's
     /// `amr`, `acr` and `auth_time` claims; empty for trusted headers).
     pub amr: Vec<String>,
     pub acr: Option<String>,
     pub auth_time: Option<u64>,
+}
+
+/// Equal when every claim is: the binding follows from the session,
+/// whether it has been made yet or not.
+impl PartialEq for Identity {
+    fn eq(&self, other: &Identity) -> bool {
+        self.subject == other.subject
+            && self.email == other.email
+            && self.phone == other.phone
+            && self.session == other.session
+            && self.amr == other.amr
+            && self.acr == other.acr
+            && self.auth_time == other.auth_time
+    }
+}
+
+impl Eq for Identity {}
+
+impl Identity {
+    /// [`session_binding`](crate::token::session_binding) of `session`.
+    pub fn session_binding(&self) -> &[u8; 24] {
+        self.binding
+            .get_or_init(|| crate::token::session_binding(&self.session))
+    }
 }
 
 /// Why a presented credential was not accepted. Never shown to clients in
@@ -266,11 +294,13 @@ impl Authenticator {
                         .and_then(|h| headers.get(h))
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
+                    let session = format!("hdr:{user}");
                     return Ok(Some(Identity {
                         subject: user.to_string(),
                         email,
                         phone: None,
-                        session: format!("hdr:{user}"),
+                        binding: std::sync::OnceLock::new(),
+                        session,
                         amr: Vec::new(),
                         acr: None,
                         auth_time: None,
@@ -370,6 +400,7 @@ impl Authenticator {
             subject,
             email: string_claim(&claims, &names.email),
             phone: string_claim(&claims, &names.phone),
+            binding: crate::token::session_binding(&session).into(),
             session,
             amr: match claims.get("amr") {
                 Some(Value::Array(a)) => a
@@ -533,8 +564,21 @@ mod cache_tests {
         let id = auth.authenticate(&h, None, PEER).await;
         assert_eq!(id.map(|i| i.map(|i| i.subject)), Ok(Some("alice".into())));
         assert_eq!(auth.token_cache().len(), 1, "verified token is cached");
-        // Served from the cache while valid.
-        assert!(auth.authenticate(&h, None, PEER).await.is_ok());
+        // Served from the cache while valid, with the binding of its own
+        // session (what second-factor tokens are checked against).
+        let cached = auth.authenticate(&h, None, PEER).await;
+        let binding = cached.map(|i| i.map(|i| (i.session.clone(), i.binding.get().copied())));
+        assert_eq!(
+            binding,
+            Ok(Some((
+                "sid:s1".to_string(),
+                Some(crate::token::session_binding("sid:s1"))
+            )))
+        );
+        assert_eq!(
+            crate::token::session_binding("sid:s1"),
+            crate::token::session_hash("sid:s1").as_bytes()
+        );
         // Wait for the wall clock to pass exp (not a synchronisation sleep:
         // the condition is time itself).
         while crate::token::unix_now() <= exp {
@@ -592,6 +636,7 @@ mod cache_tests {
                     email: None,
                     phone: None,
                     session: "sid:x".into(),
+                    binding: std::sync::OnceLock::new(),
                     amr: Vec::new(),
                     acr: None,
                     auth_time: None,

@@ -19,7 +19,7 @@ use crate::policy::{Rule, StepUp as Need};
 use crate::proxy::ClientConn;
 use crate::store::{ChallengeStore, Limits};
 use crate::telemetry::{audit, AuditContext, AuditEvent, Metrics, Mode};
-use crate::token::{is_session_hash, session_hash, unix_now, SecondFactor, Tokens};
+use crate::token::{session_hash, unix_now, SecondFactor, Tokens};
 
 pub use self::page::safe_rd;
 pub use self::settings::{Branding, OtpSettings, SendBudget, Settings};
@@ -273,7 +273,7 @@ impl Stepup {
         };
         // Bound to this user and this sign-in; proved by an accepted factor;
         // fresh enough for this rule.
-        if sf.subject != id.subject || !is_session_hash(&sf.session, &id.session) {
+        if sf.subject != id.subject || sf.session.as_bytes() != id.session_binding() {
             return StepupCheck::Needed;
         }
         if !need.factors.contains(&sf.channel) {
@@ -538,6 +538,7 @@ mod tests {
             email: None,
             phone: None,
             session: session.into(),
+            binding: std::sync::OnceLock::new(),
             amr: Vec::new(),
             acr: None,
             auth_time: None,
