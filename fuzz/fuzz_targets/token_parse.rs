@@ -19,7 +19,7 @@ fn auth() -> &'static Authenticator {
         let cfg = Config::from_yaml(std::path::Path::new("fuzz/policy.yaml"), POLICY, &Default::default())
             .unwrap_or_else(|e| panic!("fuzz config: {e}"));
         let metrics = std::sync::Arc::new(Metrics::new());
-        Authenticator::new(&cfg.identity, &metrics, None).unwrap_or_else(|e| panic!("authenticator: {e}"))
+        Authenticator::new(&cfg.identity, &cfg.built.jwt_keys, &metrics, None).unwrap_or_else(|e| panic!("authenticator: {e}"))
     })
 }
 
