@@ -345,6 +345,20 @@ async fn codes_and_tokens_are_bound_to_user_and_session(redis: bool) {
         verify(&env.gw, &b, &cid, &code).await.status,
         StatusCode::GONE
     );
+    // Either half of the binding alone refuses: the same user signed in
+    // elsewhere, and another user whose sign-in has the same sid.
+    let a_other_session = user("ivan", Some("session-2"));
+    let same_sid_other_user = user("judy", Some("session-1"));
+    for (who, other) in [
+        ("same user, other session", &a_other_session),
+        ("other user, same sid", &same_sid_other_user),
+    ] {
+        assert_eq!(
+            verify(&env.gw, other, &cid, &code).await.status,
+            StatusCode::GONE,
+            "{who}"
+        );
+    }
     // B's failed try did not burn A's challenge.
     let res = verify(&env.gw, &a, &cid, &code).await;
     assert_eq!(res.status, StatusCode::OK);
@@ -603,11 +617,22 @@ async fn malformed_requests_get_4xx(redis: bool) {
             r#"{"challenge_id":"nope","code":"123456"}"#,
             410,
         ),
+        // challenge_id: 1 to 64 bytes, looked up only then.
+        (
+            "/.stepgate/api/otp/verify",
+            r#"{"challenge_id":"","code":"123456"}"#,
+            400,
+        ),
     ];
     for (path, body, want) in cases {
         let res = post_json(&env.gw, path, &u, body).await;
         assert_eq!(res.status.as_u16(), *want, "{path} {body}: {}", res.text());
         assert!(res.json()["error"].is_string(), "{body}");
+    }
+    for (len, want) in [(64, 410), (65, 400), (1_000, 400)] {
+        let body = serde_json::json!({"challenge_id": "c".repeat(len), "code": "123456"});
+        let res = post_json(&env.gw, "/.stepgate/api/otp/verify", &u, &body.to_string()).await;
+        assert_eq!(res.status.as_u16(), want, "challenge_id of {len} bytes");
     }
     // A valid body well under the 8 KiB limit is read whole (whitespace
     // padding; "pigeon" is parsed and refused as an unknown method).
@@ -625,6 +650,8 @@ async fn malformed_requests_get_4xx(redis: bool) {
         (Method::GET, "/.stepgate/api/otp"),
         (Method::GET, "/.stepgate/api/otp/verify"),
         (Method::PUT, "/.stepgate/api/otp/verify"),
+        (Method::GET, "/.stepgate/api/logout"),
+        (Method::DELETE, "/.stepgate/api/logout"),
     ] {
         let res = request(method.clone(), &env.gw.url(path), &json, Bytes::new()).await;
         assert_eq!(
