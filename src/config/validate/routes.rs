@@ -90,13 +90,19 @@ pub(super) fn validate(
             ms.iter()
                 .enumerate()
                 .filter_map(|(j, m)| {
-                    let valid = !m.0.is_empty() && m.0.bytes().all(|b| b.is_ascii_alphabetic());
+                    // Upper case only: a request whose method has a lower-case
+                    // letter is refused (400), so `methods: [delete]` would
+                    // never match anything and its rule would protect nothing.
+                    let valid = !m.0.is_empty() && m.0.bytes().all(|b| b.is_ascii_uppercase());
                     match http::Method::from_bytes(m.0.as_bytes()) {
                         Ok(method) if valid => Some(method),
                         _ => {
                             v.problem(
                                 &format!("{at}.methods[{j}]"),
-                                format!("invalid method {:?}", m.0),
+                                format!(
+                                    "invalid method {:?}: upper-case letters only, e.g. GET",
+                                    m.0
+                                ),
                             );
                             None
                         }
@@ -220,7 +226,93 @@ pub(super) fn validate(
 
 #[cfg(test)]
 mod tests {
-    use crate::config::tests::{problems, BASE};
+    use std::time::Duration;
+
+    use http::Method;
+
+    use crate::channel::Channel;
+    use crate::config::tests::{load, problems, BASE};
+    use crate::policy::Action;
+
+    fn rules(routes: &str) -> crate::policy::Policy {
+        load(&format!("{BASE}routes:\n{routes}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .policy
+    }
+
+    fn routed(p: &crate::policy::Policy, m: &Method, path: &str) -> Option<String> {
+        p.route(m, None, path).map(|r| r.name.to_string())
+    }
+
+    #[test]
+    // A route's options reach the rule: `case_insensitive` only where it is
+    // set, methods as listed (upper case only: `delete` could never match a
+    // request, all of which are upper case), `factors` as listed.
+    fn route_options_reach_the_rule() {
+        let p = rules(concat!(
+            "  - { name: ci, path: /admin/**, case_insensitive: true, deny: true }\n",
+            "  - { name: cs, path: /b/**, deny: true }\n",
+            "  - { name: del, path: /c, methods: [DELETE, PROPFIND], deny: true }\n",
+            "  - { name: sms, path: /d, stepup: { max_age: 1m, factors: [sms, sms] } }\n",
+            "  - { name: one, path: /e, stepup: { max_age: 1m, factors: [email], one_time: true } }\n",
+            "  - { name: amr, path: /f, stepup: { max_age: 1m, idp: { amr: [hwk] } } }\n",
+        ));
+        assert_eq!(routed(&p, &Method::GET, "/ADMIN/x").as_deref(), Some("ci"));
+        assert_eq!(routed(&p, &Method::GET, "/B/x"), None);
+        assert_eq!(routed(&p, &Method::GET, "/b/x").as_deref(), Some("cs"));
+        assert_eq!(routed(&p, &Method::DELETE, "/c").as_deref(), Some("del"));
+        let propfind = Method::from_bytes(b"PROPFIND").unwrap_or(Method::GET);
+        assert_eq!(routed(&p, &propfind, "/c").as_deref(), Some("del"));
+        assert_eq!(routed(&p, &Method::GET, "/c"), None);
+        let step = |path: &str| match p.route(&Method::GET, None, path).map(|r| &r.action) {
+            Some(Action::StepUp(s)) => s.clone(),
+            other => panic!("{path}: {other:?}"),
+        };
+        assert_eq!(step("/d").factors, vec![Channel::Sms]);
+        assert!(!step("/d").one_time);
+        assert_eq!(step("/e").factors, vec![Channel::Email]);
+        assert!(step("/e").one_time);
+        assert_eq!(step("/e").max_age, Duration::from_secs(60));
+        assert_eq!(step("/f").idp.map(|i| i.amr), Some(vec!["hwk".to_owned()]));
+        for bad in ["delete", "Get", "G-T", "\"\""] {
+            let e = problems(&format!(
+                "{BASE}routes:\n  - {{ name: x, path: /x, methods: [{bad}], deny: true }}\n"
+            ));
+            assert!(
+                e.contains("routes[0].methods[0]: invalid method"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    // The edges of the route checks: `max_age` may equal the token lifetime
+    // (15m by default) but not exceed it; a path is refused when it covers
+    // the prefix or lies under it.
+    fn route_check_edges() {
+        let at = |max_age: &str| {
+            problems(&format!(
+                "{BASE}routes:\n  - {{ name: x, path: /x, stepup: {{ max_age: {max_age} }} }}\n"
+            ))
+        };
+        assert_eq!(at("15m"), "");
+        assert!(at("901s").contains("is longer than stepup.token.lifetime"));
+        for path in ["/.stepgate", "/.stepgate/api/*", "/*"] {
+            let e = problems(&format!(
+                "{BASE}routes:\n  - {{ name: x, path: \"{path}\", public: true }}\n"
+            ));
+            assert!(
+                e.contains("overlaps the gateway's own prefix"),
+                "{path}: {e}"
+            );
+        }
+        assert_eq!(
+            problems(&format!(
+                "{BASE}routes:\n  - {{ name: x, path: /stepgate/**, public: true }}\n"
+            )),
+            ""
+        );
+    }
 
     #[test]
     // Each route's problems at their keys, all routes at once: a path over
