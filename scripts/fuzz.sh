@@ -10,7 +10,7 @@
 #   api_input        the challenge API/page over TCP answers < 500 to any body
 # A crash is saved under fuzz/artifacts/<target>/ and makes this script fail
 # (so does a target that no longer builds: the fuzz crate is outside the
-# workspace, so `cargo build` and CI do not compile it);
+# workspace; CI checks that it compiles, `.ci/run`);
 # turn it into a row of `regressions()` in tests/properties.rs (CI runs those
 # oracles as proptest properties on stable).
 set -euo pipefail
