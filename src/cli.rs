@@ -101,8 +101,8 @@ pub fn summary(c: &Config) -> String {
             channels.join(", ")
         }
     );
-    s += &format!("routes    ({}, first match wins)\n", c.policy.rules.len());
-    for r in &c.policy.rules {
+    s += &format!("routes    ({}, first match wins)\n", c.policy.rules().len());
+    for r in c.policy.rules() {
         let methods = r
             .methods
             .as_ref()
@@ -182,7 +182,12 @@ pub fn explain(c: &Config, method: &str, url: &str) -> Result<String, String> {
         return Ok(s);
     }
     if host.is_none() {
-        let skipped = c.policy.rules.iter().filter(|r| r.hosts.is_some()).count();
+        let skipped = c
+            .policy
+            .rules()
+            .iter()
+            .filter(|r| r.hosts.is_some())
+            .count();
         if skipped > 0 {
             s += &format!("note: {skipped} rule(s) limited to hosts were skipped; give a full URL (https://host/path) to include them\n");
         }

@@ -833,22 +833,172 @@ pub enum DefaultPolicy {
 /// The route table: rules in file order plus the default.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// The rules, in file order.
-    pub rules: Vec<Rule>,
+    /// The rules, in file order (read them with [`Policy::rules`]; they
+    /// cannot change after [`Policy::new`], which indexes them).
+    rules: Vec<Rule>,
+    /// Which rules can match a path, by its first segment.
+    index: RouteIndex,
     /// What applies when no rule matches.
     pub default: DefaultPolicy,
 }
 
 impl Policy {
+    /// The route table for `rules`, tried in this order.
+    pub fn new(rules: Vec<Rule>, default: DefaultPolicy) -> Policy {
+        let index = RouteIndex::new(&rules);
+        Policy {
+            rules,
+            index,
+            default,
+        }
+    }
+
+    /// The rules, in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
     /// The first rule (file order) that covers `method`, `host` and the
     /// normalised `path`; `None` means the default applies.
     ///
     /// `host` is the request host as sent (any case, possibly with a port);
     /// `None` when the request has none, which no rule with `hosts` matches.
+    ///
+    /// Only the rules that can match the path's first segment are tried
+    /// (see [`RouteIndex`]), in file order, so the answer is the one a scan
+    /// of every rule would give.
     pub fn route(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Rule> {
+        let host = host.map(bare_host);
+        let covers = |i: usize| self.rules[i].covers(method, host, path);
+        let Some(keyed) = self.index.keyed(path) else {
+            return self.rules.iter().find(|r| r.covers(method, host, path));
+        };
+        // Merge the two ascending lists of rule numbers: file order.
+        let unkeyed = &self.index.unkeyed;
+        let (mut a, mut b) = (0, 0);
+        loop {
+            let next = match (keyed.get(a), unkeyed.get(b)) {
+                (Some(&x), Some(&y)) if x < y => {
+                    a += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    b += 1;
+                    y
+                }
+                (Some(&x), None) => {
+                    a += 1;
+                    x
+                }
+                (None, None) => return None,
+            };
+            if covers(next) {
+                return Some(&self.rules[next]);
+            }
+        }
+    }
+
+    /// The first rule that covers the request, trying every rule in order:
+    /// what [`Policy::route`] must always answer (the tests compare them).
+    #[cfg(test)]
+    fn route_linear(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Rule> {
         let host = host.map(bare_host);
         self.rules.iter().find(|r| r.covers(method, host, path))
     }
+}
+
+/// The rules that can match a path, by the path's first segment, so that
+/// a request is checked against a handful of rules instead of all of them.
+///
+/// A rule is *keyed* by a first segment `K` when every path it matches has
+/// exactly `K` as its first segment: a case-sensitive glob whose first
+/// segment is made only of unreserved characters (letters, digits, `-`,
+/// `.`, `_`, `~`), or a case-sensitive `path_regex` that starts with the
+/// literal `/K/` (no `|` anywhere, `/` not followed by a quantifier).
+/// Every other rule is *unkeyed* and tried for every path. A path whose
+/// first segment holds a `%` is matched against every rule (a glob literal
+/// also matches its percent-encoded form; normalised paths never encode
+/// unreserved characters, so this happens only for other input).
+#[derive(Debug, Clone, Default)]
+struct RouteIndex {
+    /// Keyed rules, ascending, by first segment.
+    by_first: std::collections::HashMap<Box<[u8]>, Vec<usize>>,
+    /// Unkeyed rules, ascending.
+    unkeyed: Vec<usize>,
+}
+
+impl RouteIndex {
+    fn new(rules: &[Rule]) -> RouteIndex {
+        let mut index = RouteIndex::default();
+        for (i, rule) in rules.iter().enumerate() {
+            match first_segment_key(&rule.path) {
+                Some(key) => index.by_first.entry(key.into()).or_default().push(i),
+                None => index.unkeyed.push(i),
+            }
+        }
+        index
+    }
+
+    /// The keyed rules that can match `path`, or `None` when every rule
+    /// has to be tried.
+    fn keyed(&self, path: &str) -> Option<&[usize]> {
+        let bytes = path.as_bytes();
+        if bytes.first() != Some(&b'/') {
+            // No keyed rule matches a path that does not start with '/'.
+            return Some(&[]);
+        }
+        let Some((start, end)) = next_segment(bytes, 0) else {
+            return Some(&[]);
+        };
+        let seg = &bytes[start..end];
+        if seg.contains(&b'%') {
+            return None;
+        }
+        Some(self.by_first.get(seg).map_or(&[], Vec::as_slice))
+    }
+}
+
+/// The first segment every path `m` matches must have, if there is one
+/// (see [`RouteIndex`]).
+fn first_segment_key(m: &PathMatcher) -> Option<Vec<u8>> {
+    match m {
+        PathMatcher::Glob(g) if !g.case_insensitive => match g.segs.first()? {
+            GlobSeg::One(toks) => toks
+                .iter()
+                .map(|t| match t {
+                    Tok::Byte(b) if is_unreserved(*b) => Some(*b),
+                    _ => None,
+                })
+                .collect(),
+            GlobSeg::AnyDepth => None,
+        },
+        PathMatcher::Glob(_) => None,
+        PathMatcher::Regex(_) => regex_first_segment(&m.describe()),
+    }
+}
+
+/// `K` when the expression `src` (as written, without the anchors the
+/// gateway adds) can only match paths that start with the literal `/K/`.
+/// Conservative: a leading group or flag (`(?i)`), any `|`, an escape or
+/// any other metacharacter in `K`, or a quantifier after the second `/`
+/// gives `None`.
+fn regex_first_segment(src: &str) -> Option<Vec<u8>> {
+    let b = src.as_bytes();
+    if b.first() != Some(&b'/') || b.contains(&b'|') {
+        return None;
+    }
+    let n = b[1..]
+        .iter()
+        .take_while(|&&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'~'))
+        .count();
+    let slash = 1 + n;
+    if n == 0 || b.get(slash) != Some(&b'/') {
+        return None;
+    }
+    if matches!(b.get(slash + 1), Some(b'*' | b'?' | b'{' | b'+')) {
+        return None;
+    }
+    Some(b[1..slash].to_vec())
 }
 
 #[cfg(test)]
@@ -1316,10 +1466,7 @@ mod tests {
     }
 
     fn policy(rules: Vec<Rule>) -> Policy {
-        Policy {
-            rules,
-            default: DefaultPolicy::Identity,
-        }
+        Policy::new(rules, DefaultPolicy::Identity)
     }
 
     fn routed<'a>(p: &'a Policy, m: &Method, host: Option<&str>, path: &str) -> Option<&'a str> {
@@ -1587,5 +1734,153 @@ mod tests {
         );
         assert_eq!(routed(&p, &Method::GET, None, "/api/v3/keys"), None);
         assert_eq!(routed(&p, &Method::DELETE, None, "/api/v3/keys/x"), None);
+    }
+
+    #[test]
+    fn regex_first_segment_is_only_taken_when_certain() {
+        let key = |src: &str| regex_first_segment(src).map(|k| String::from_utf8(k).unwrap());
+        assert_eq!(key("/api/v[0-9]+/thing(/.*)?").as_deref(), Some("api"));
+        assert_eq!(key("/a-b_c~9/x").as_deref(), Some("a-b_c~9"));
+        assert_eq!(key("/api/").as_deref(), Some("api"));
+        for src in [
+            "/api",          // the segment may go on: /apis
+            "/api.v1/x",     // `.` is any character
+            "/api/x|/other", // a second alternative
+            "/api/*x",       // the `/` is optional
+            "/api/?x",       // likewise
+            "/api/{0,1}x",   // likewise
+            "/api/+x",       // a quantified `/`
+            "/ap[i]/x",      // a class
+            "/ap\\i/x",      // an escape
+            "(?i)/api/x",    // flags (case-insensitive rules)
+            "(/api)/x",      // a group
+            "api/x",         // no leading slash
+            "//x",           // an empty segment
+            "/(api)/x",      // a group inside the segment
+        ] {
+            assert_eq!(key(src), None, "{src}");
+        }
+    }
+
+    #[test]
+    fn first_segment_keys_of_globs() {
+        let key = |m: PathMatcher| first_segment_key(&m).map(|k| String::from_utf8(k).unwrap());
+        assert_eq!(
+            key(PathMatcher::Glob(glob("/app/**"))).as_deref(),
+            Some("app")
+        );
+        assert_eq!(
+            key(PathMatcher::Glob(glob("/a.b-c_d~e"))).as_deref(),
+            Some("a.b-c_d~e")
+        );
+        assert_eq!(
+            key(PathMatcher::Glob(glob("/%61pp/x"))).as_deref(),
+            Some("app")
+        );
+        for pattern in [
+            "/**",
+            "/",
+            "/a*/x",
+            "/*",
+            "/users@x/**",
+            "/caf%C3%A9",
+            "/a%2Fb",
+        ] {
+            if let Ok(g) = Glob::new(pattern) {
+                assert_eq!(key(PathMatcher::Glob(g)), None, "{pattern}");
+            }
+        }
+        let folded = Glob::case_insensitive("/admin/**").unwrap();
+        assert_eq!(key(PathMatcher::Glob(folded)), None);
+        assert_eq!(
+            key(PathMatcher::regex("/admin/.*").unwrap()).as_deref(),
+            Some("admin")
+        );
+        let any_case = PathMatcher::regex_with_case("/admin/.*", true).unwrap();
+        assert_eq!(key(any_case), None);
+    }
+
+    #[test]
+    fn indexed_route_keeps_file_order_across_keyed_and_unkeyed_rules() {
+        let mut rules = vec![
+            rule("late-admin", "/admin/x", None, None, Action::Deny),
+            rule("any", "/**", Some(&[Method::POST]), None, Action::Deny),
+            rule("admin", "/admin/**", None, None, Action::Identity),
+        ];
+        rules.push(Rule {
+            path: PathMatcher::regex("/admin/r.*").unwrap(),
+            ..rule("regex", "/x", None, None, Action::Public)
+        });
+        let p = policy(rules);
+        assert_eq!(
+            routed(&p, &Method::GET, None, "/admin/x"),
+            Some("late-admin")
+        );
+        assert_eq!(routed(&p, &Method::POST, None, "/admin/y"), Some("any"));
+        assert_eq!(routed(&p, &Method::GET, None, "/admin/y"), Some("admin"));
+        assert_eq!(routed(&p, &Method::GET, None, "/admin/rx"), Some("admin"));
+        assert_eq!(routed(&p, &Method::GET, None, "/other"), None);
+        assert_eq!(routed(&p, &Method::POST, None, "/other"), Some("any"));
+        // A first segment with an escape is matched against every rule.
+        assert_eq!(routed(&p, &Method::GET, None, "/%61dmin/y"), Some("admin"));
+        assert_eq!(routed(&p, &Method::GET, None, "/"), None);
+        assert_eq!(routed(&p, &Method::GET, None, ""), None);
+        // An expression whose second `/` is optional is tried for any path.
+        let optional_slash = Rule {
+            path: PathMatcher::regex("/a/*b").unwrap(),
+            ..rule("optional", "/x", None, None, Action::Deny)
+        };
+        let p = policy(vec![optional_slash]);
+        assert_eq!(routed(&p, &Method::GET, None, "/ab"), Some("optional"));
+    }
+
+    proptest::proptest! {
+        /// The index never changes the answer: for any rules and any path
+        /// (normalised or not), `route` is the first rule in file order.
+        #[test]
+        fn indexed_route_equals_a_scan_of_every_rule(
+            patterns in proptest::collection::vec(proptest::sample::select(vec![
+                "g:/a/**", "g:/a", "g:/b/*", "g:/ab/**", "g:/a*/**", "g:/**", "g:/",
+                "g:/*/a", "g:/%61/**", "g:/@/**", "g:/a/b", "i:/A/**", "i:/b",
+                "r:/a/.*", "r:/b/[0-9]+", "r:/a(/.*)?", "r:/a|/b/.*", "r:(?i)/a/.*",
+                "r:/.*", "r:/ab/x", "r:/a/*b", "r:[/]a/.*", "ri:/a/.*",
+            ]), 0..12),
+            methods in proptest::collection::vec(proptest::option::of(proptest::sample::select(vec![
+                Method::GET, Method::POST, Method::DELETE,
+            ])), 12),
+            path in proptest::collection::vec(proptest::sample::select(vec![
+                "a", "b", "ab", "A", "%61", "%40", "@", "0", "1x", "", ".", "x",
+            ]), 0..4),
+            lead in proptest::sample::select(vec!["/", "", "//"]),
+            trail in proptest::bool::ANY,
+            method in proptest::sample::select(vec![Method::GET, Method::HEAD, Method::POST, Method::DELETE]),
+        ) {
+            let rules: Vec<Rule> = patterns
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let (kind, src) = p.split_once(':').unwrap();
+                    let path = match kind {
+                        "g" => PathMatcher::Glob(Glob::new(src).unwrap()),
+                        "i" => PathMatcher::Glob(Glob::case_insensitive(src).unwrap()),
+                        "r" => PathMatcher::regex(src).unwrap(),
+                        _ => PathMatcher::regex_with_case(src, true).unwrap(),
+                    };
+                    Rule {
+                        path,
+                        methods: methods[i].clone().map(|m| vec![m]),
+                        ..rule(&format!("r{i}"), "/x", None, None, Action::Deny)
+                    }
+                })
+                .collect();
+            let p = policy(rules);
+            let mut raw = format!("{lead}{}", path.join("/"));
+            if trail {
+                raw.push('/');
+            }
+            let indexed = p.route(&method, None, &raw).map(|r| r.name.clone());
+            let scanned = p.route_linear(&method, None, &raw).map(|r| r.name.clone());
+            proptest::prop_assert_eq!(indexed, scanned, "path {}", raw);
+        }
     }
 }

@@ -226,7 +226,7 @@ pub(super) fn config(
         identity,
         stepup,
         store,
-        policy: Policy { rules, default },
+        policy: Policy::new(rules, default),
         log,
         dev,
         digest: [0; 32],
