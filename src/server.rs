@@ -132,8 +132,12 @@ pub async fn serve(
                         gateway: gateway.clone(),
                         conn,
                     });
+                    // Boxed: hyper-util's connection serves HTTP/1 and
+                    // HTTP/2 alike and is large; inline, it would make
+                    // every connection's task (plain and parked ones too)
+                    // about 700 bytes bigger.
                     let fut = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if let Err(e) = watcher.watch(fut.into_owned()).await {
+                    if let Err(e) = Box::pin(watcher.watch(fut.into_owned())).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 }
