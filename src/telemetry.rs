@@ -4,6 +4,7 @@
 //! logs name the normalised path (no query) and the outcome; audit events
 //! name the subject, channel, rule and client address.
 
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -366,10 +367,55 @@ struct AuditLabels {
     mode: &'static str,
 }
 
+/// Where [`Metrics::request`] finds the counter of a rule, outcome and
+/// mode: by the address of the rule name's allocation, which the entry
+/// keeps alive (so no other name can take that address while it is
+/// cached), hashed with one multiplication instead of `Family`'s SipHash
+/// of the labels.
+type RequestKey = (usize, u8, u8);
+
+/// Counters by [`RequestKey`], with the name they were made for.
+type RequestHandles =
+    std::collections::HashMap<RequestKey, (Arc<str>, Counter), BuildHasherDefault<AddrHasher>>;
+
+/// More entries than any policy has rules times outcomes: the cache is
+/// then emptied (a reload gives every rule name a new allocation; the
+/// counters themselves stay in `Family` and are found again).
+const MAX_REQUEST_HANDLES: usize = 4096;
+
+/// A hasher for small integer keys (FxHash's step).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
 /// The gateway's Prometheus metrics.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    request_handles: std::sync::RwLock<RequestHandles>,
     duration: Histogram,
     audit: Family<AuditLabels, Counter>,
     connections: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -465,6 +511,7 @@ impl Metrics {
             jwks_age,
             jwks_fetched_at: AtomicU64::new(0),
             requests,
+            request_handles: std::sync::RwLock::new(RequestHandles::default()),
             duration,
             audit,
             connections,
@@ -474,13 +521,37 @@ impl Metrics {
     }
 
     pub fn request(&self, rule: &Arc<str>, outcome: Outcome, mode: Mode, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                rule: RuleLabel(rule.clone()),
-                outcome: outcome.as_str(),
-                mode: mode.as_str(),
-            })
-            .inc();
+        let key = (
+            Arc::as_ptr(rule).cast::<u8>() as usize,
+            outcome as u8,
+            mode as u8,
+        );
+        let cached = {
+            let handles = self
+                .request_handles
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            handles.get(&key).map(|(_, c)| c.inc()).is_some()
+        };
+        if !cached {
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    rule: RuleLabel(rule.clone()),
+                    outcome: outcome.as_str(),
+                    mode: mode.as_str(),
+                })
+                .clone();
+            counter.inc();
+            let mut handles = self
+                .request_handles
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            if handles.len() >= MAX_REQUEST_HANDLES {
+                handles.clear();
+            }
+            handles.insert(key, (rule.clone(), counter));
+        }
         self.duration.observe(elapsed.as_secs_f64());
     }
 
@@ -622,4 +693,48 @@ pub fn audit(metrics: &Metrics, event: AuditEvent, ctx: &AuditContext<'_>, detai
         detail,
         "audit"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(text: &str, rule: &str, outcome: &str) -> Option<u64> {
+        let line = format!(
+            "stepgate_requests_total{{rule=\"{rule}\",outcome=\"{outcome}\",mode=\"proxy\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|n| n.parse().ok())
+    }
+
+    #[test]
+    // The request counter by cached handle: each rule and outcome counts on
+    // its own, a rule name in a new allocation (a reload) counts on the
+    // same series, and emptying the handle cache loses no count.
+    fn request_counts_by_rule_and_outcome() {
+        let m = Metrics::new();
+        let admin: Arc<str> = Arc::from("admin");
+        let other: Arc<str> = Arc::from("other");
+        let d = Duration::from_millis(1);
+        for _ in 0..3 {
+            m.request(&admin, Outcome::Forwarded, Mode::Proxy, d);
+        }
+        m.request(&admin, Outcome::Denied, Mode::Proxy, d);
+        m.request(&other, Outcome::Forwarded, Mode::Proxy, d);
+        let reloaded: Arc<str> = Arc::from("admin");
+        m.request(&reloaded, Outcome::Forwarded, Mode::Proxy, d);
+        for i in 0..MAX_REQUEST_HANDLES {
+            let name: Arc<str> = Arc::from(format!("r{i}"));
+            m.request(&name, Outcome::Forwarded, Mode::Proxy, d);
+        }
+        m.request(&admin, Outcome::Forwarded, Mode::Proxy, d);
+        let text = m.encode();
+        assert_eq!(count(&text, "admin", "forwarded"), Some(5), "{text}");
+        assert_eq!(count(&text, "admin", "denied"), Some(1));
+        assert_eq!(count(&text, "other", "forwarded"), Some(1));
+        assert_eq!(count(&text, "r7", "forwarded"), Some(1));
+        assert_eq!(count(&text, "other", "denied"), None);
+        assert!(m.request_handles.read().map_or(0, |h| h.len()) <= MAX_REQUEST_HANDLES);
+    }
 }
