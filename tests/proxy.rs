@@ -1638,3 +1638,91 @@ async fn upstream_closing_keep_alive_connections() {
         "the unanswered request was sent again"
     );
 }
+
+#[tokio::test]
+// A client that stops reading a response body mid-way and goes away: the
+// upstream connection carrying the rest of that body is closed, never
+// pooled (the next request would read the old body's bytes), and the next
+// request goes out on a new connection.
+async fn abandoned_response_body_closes_its_upstream_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BIG: usize = 64 * 1024 * 1024;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = tx.send(UpstreamConn::Opened);
+            let (tx, big) = (tx.clone(), std::mem::replace(&mut first, false));
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..end);
+                    if !big {
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                    let mut ok = s.write_all(head.as_bytes()).await.is_ok();
+                    let body = vec![b'x'; 64 * 1024];
+                    let mut sent = 0;
+                    while ok && sent < BIG {
+                        ok = s.write_all(&body).await.is_ok();
+                        sent += body.len();
+                    }
+                    if !ok {
+                        let _ = tx.send(UpstreamConn::ClosedByGateway);
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(&config_yaml(&format!("http://{addr}"), CONSOLE, "")).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert_eq!(raw_status(&head), 200, "{head}");
+    drop(s);
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(UpstreamConn::ClosedByGateway) => return true,
+                Some(UpstreamConn::Opened) => continue,
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        closed.ok(),
+        Some(true),
+        "the abandoned body's upstream connection was not closed"
+    );
+    let res = get(&gw.url("/x"), &[]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text());
+    assert_eq!(res.text(), "ok");
+    assert_eq!(drain(&mut events), vec![UpstreamConn::Opened]);
+}
