@@ -1834,6 +1834,29 @@ mod tests {
         assert_eq!(routed(&p, &Method::GET, None, "/ab"), Some("optional"));
     }
 
+    #[test]
+    // The index is what makes 200 rules cheap: a path is checked against
+    // the rules of its first segment and the unkeyed ones, nothing else.
+    fn route_index_holds_each_rule_under_its_first_segment() {
+        let mut rules = vec![
+            rule("admin", "/admin/**", None, None, Action::Deny),
+            rule("any", "/**", None, None, Action::Deny),
+            rule("api", "/api/*", None, None, Action::Deny),
+        ];
+        rules.push(Rule {
+            path: PathMatcher::regex("/admin/r[0-9]+").unwrap(),
+            ..rule("regex", "/x", None, None, Action::Public)
+        });
+        let p = policy(rules);
+        assert_eq!(p.index.keyed("/admin/x"), Some(&[0, 3][..]));
+        assert_eq!(p.index.keyed("/api"), Some(&[2][..]));
+        assert_eq!(p.index.keyed("/other/x"), Some(&[][..]));
+        assert_eq!(p.index.keyed("/"), Some(&[][..]));
+        assert_eq!(p.index.keyed("x"), Some(&[][..]));
+        assert_eq!(p.index.keyed("/%61dmin/x"), None);
+        assert_eq!(p.index.unkeyed, vec![1]);
+    }
+
     proptest::proptest! {
         /// The index never changes the answer: for any rules and any path
         /// (normalised or not), `route` is the first rule in file order.
