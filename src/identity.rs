@@ -112,7 +112,9 @@ type CacheKey = ([u8; 32], u64, u64);
 
 #[derive(Clone)]
 struct CachedIdentity {
-    identity: Identity,
+    /// Shared with the requests it serves: a hit costs no copy of the
+    /// claims.
+    identity: Arc<Identity>,
     /// Unix seconds after which the token is expired (`exp` + leeway).
     valid_until: u64,
 }
@@ -147,7 +149,7 @@ impl TokenCache {
         self.entries.is_empty()
     }
 
-    fn get(&self, key: &CacheKey, now: u64) -> Option<Identity> {
+    fn get(&self, key: &CacheKey, now: u64) -> Option<Arc<Identity>> {
         let hit = self.entries.get(key)?;
         if now > hit.valid_until {
             self.entries.remove(key);
@@ -276,6 +278,20 @@ impl Authenticator {
         query: Option<&str>,
         peer: IpAddr,
     ) -> Result<Option<Identity>, IdentityError> {
+        self.authenticate_shared(headers, query, peer)
+            .await
+            .map(|id| id.map(Arc::unwrap_or_clone))
+    }
+
+    /// [`authenticate`](Self::authenticate), the identity shared with the
+    /// verified-token cache instead of copied out of it (what the gateway
+    /// puts in a request's extensions).
+    pub async fn authenticate_shared(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        peer: IpAddr,
+    ) -> Result<Option<Arc<Identity>>, IdentityError> {
         if let Some(jwt) = &self.cfg.jwt {
             if let Some(token) = credentials::primary_token(jwt, headers, query)? {
                 return self.verify_jwt(jwt, token).await.map(Some);
@@ -295,7 +311,7 @@ impl Authenticator {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
                     let session = format!("hdr:{user}");
-                    return Ok(Some(Identity {
+                    return Ok(Some(Arc::new(Identity {
                         subject: user.to_string(),
                         email,
                         phone: None,
@@ -304,14 +320,18 @@ impl Authenticator {
                         amr: Vec::new(),
                         acr: None,
                         auth_time: None,
-                    }));
+                    })));
                 }
             }
         }
         Ok(None)
     }
 
-    async fn verify_jwt(&self, jwt: &JwtSettings, token: &str) -> Result<Identity, IdentityError> {
+    async fn verify_jwt(
+        &self,
+        jwt: &JwtSettings,
+        token: &str,
+    ) -> Result<Arc<Identity>, IdentityError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = crate::token::unix_now();
         // Only a token verified with the current key set is served from
@@ -328,6 +348,7 @@ impl Authenticator {
             }
         }
         let (id, exp, used_generation) = self.verify_uncached(token, &digest).await?;
+        let id = Arc::new(id);
         if let (Some(exp), Some(key)) = (exp, key) {
             let valid_until = exp.saturating_add(jwt.leeway.as_secs());
             // Cached under the generation of the set that verified it.
@@ -631,7 +652,7 @@ mod cache_tests {
         auth.token_cache().entries.insert(
             (digest, set, old),
             CachedIdentity {
-                identity: Identity {
+                identity: Arc::new(Identity {
                     subject: "mallory".into(),
                     email: None,
                     phone: None,
@@ -640,7 +661,7 @@ mod cache_tests {
                     amr: Vec::new(),
                     acr: None,
                     auth_time: None,
-                },
+                }),
                 valid_until: now + 600,
             },
         );

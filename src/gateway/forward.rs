@@ -4,6 +4,7 @@
 
 use http::header::{HeaderValue, HOST};
 use http::{Extensions, HeaderMap, HeaderName, Request, Response};
+use std::sync::Arc;
 
 use super::{Exchange, State};
 use crate::http::{cookies, Body, Rejection};
@@ -86,7 +87,7 @@ pub(super) fn sign_assertion<B>(
     rule: Option<&Rule>,
 ) -> Option<(HeaderName, HeaderValue)> {
     use crate::assertion::Factor;
-    let id = req.extensions().get::<Identity>()?;
+    let id = req.extensions().get::<Arc<Identity>>()?;
     let rule_name = rule.map_or("", |r| &*r.name);
     let factor = if let Some(sf) = req.extensions().get::<SecondFactor>() {
         Some(Factor {
@@ -112,7 +113,7 @@ pub(super) fn sign_assertion<B>(
 /// extensions (a value that is not a valid header value is left out, never
 /// forwarded raw; whatever `out` held under those names is then kept).
 pub(super) fn set_identity_headers(out: &mut HeaderMap, ext: &Extensions) {
-    if let Some(id) = ext.get::<Identity>() {
+    if let Some(id) = ext.get::<Arc<Identity>>() {
         if let Ok(v) = HeaderValue::from_str(&id.subject) {
             out.insert(X_STEPGATE_USER, v);
         }

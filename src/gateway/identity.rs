@@ -18,7 +18,7 @@ pub(super) async fn run(
     let query = ex.target.split_once('?').map(|(_, q)| q);
     match s
         .auth
-        .authenticate(req.headers(), query, ex.conn.peer.ip())
+        .authenticate_shared(req.headers(), query, ex.conn.peer.ip())
         .await
     {
         Ok(Some(id)) => {

@@ -202,7 +202,7 @@ async fn endpoint(
 ) -> Result<Response<Body>, Rejection> {
     let id = req
         .extensions()
-        .get::<Identity>()
+        .get::<Arc<Identity>>()
         .cloned()
         .ok_or_else(|| identity::missing(s))?;
     let sub = ex.path[s.config.stepup.prefix.len()..].to_string();

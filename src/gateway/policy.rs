@@ -4,6 +4,7 @@
 //! rule the policy did not check.
 
 use http::{HeaderMap, HeaderName, Method, Request};
+use std::sync::Arc;
 
 use super::{Exchange, State};
 use crate::http::{Body, Rejection};
@@ -50,7 +51,9 @@ pub(super) fn run<'s>(
     };
     match ex.action {
         Action::Deny => Err(Rejection::Denied),
-        Action::Identity | Action::StepUp(_) if req.extensions().get::<Identity>().is_none() => {
+        Action::Identity | Action::StepUp(_)
+            if req.extensions().get::<Arc<Identity>>().is_none() =>
+        {
             Err(super::identity::missing(s))
         }
         _ => Ok(Route::Rule),

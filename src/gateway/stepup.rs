@@ -5,6 +5,7 @@
 //! can be replayed after verification.
 
 use http::{Method, Request};
+use std::sync::Arc;
 
 use super::{Exchange, State};
 use crate::http::form;
@@ -25,7 +26,7 @@ pub(super) async fn run(
     };
     let id = req
         .extensions()
-        .get::<Identity>()
+        .get::<Arc<Identity>>()
         .ok_or(Rejection::Unauthenticated)?;
     let client = ex.conn.peer.ip();
     // Boxed: large and off the plain-proxy path.
@@ -51,7 +52,7 @@ pub(super) async fn run(
             let stash = if ex.mode == Mode::Proxy && ex.client == Client::FormPost && codes {
                 let id = req
                     .extensions()
-                    .get::<Identity>()
+                    .get::<Arc<Identity>>()
                     .cloned()
                     .ok_or(Rejection::Unauthenticated)?;
                 Box::pin(s.stepup.stash_form(req, &id, ex.host.as_deref())).await
