@@ -575,6 +575,105 @@ mod cache_tests {
 
     const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
+    fn signed(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(KEY.as_bytes()),
+        )
+        .unwrap_or_default()
+    }
+
+    async fn identity_of(auth: &Authenticator, claims: serde_json::Value) -> Identity {
+        match auth
+            .authenticate(&headers(&signed(&claims)), None, PEER)
+            .await
+        {
+            Ok(Some(id)) => id,
+            other => panic!("{claims} refused: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    // The claims an identity is made of, in each form a provider may send
+    // them: `amr` as a list or as one string (anything else is no method),
+    // a fractional `auth_time` (rounded down), and an empty `sid`, which
+    // names no session: the token's own hash does, so two sign-ins with
+    // empty `sid`s never share a session (nor second-factor tokens).
+    async fn claims_in_every_form() {
+        let auth = authenticator("0s");
+        let now = crate::token::unix_now();
+        let exp = now + 600;
+        let claims = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"sub": "alice", "exp": exp});
+            if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+                c.extend(extra.clone());
+            }
+            c
+        };
+        let id = identity_of(&auth, claims(serde_json::json!({"amr": ["pwd", "otp"]}))).await;
+        assert_eq!(id.amr, ["pwd", "otp"]);
+        let id = identity_of(&auth, claims(serde_json::json!({"amr": "mfa"}))).await;
+        assert_eq!(id.amr, ["mfa"]);
+        let id = identity_of(&auth, claims(serde_json::json!({"amr": 7}))).await;
+        assert!(id.amr.is_empty());
+        let t = now - 30;
+        let id = identity_of(&auth, claims(serde_json::json!({"auth_time": t}))).await;
+        assert_eq!(id.auth_time, Some(t));
+        let frac = serde_json::json!({"auth_time": t as f64 + 0.75});
+        let id = identity_of(&auth, claims(frac)).await;
+        assert_eq!(id.auth_time, Some(t));
+        let id = identity_of(&auth, claims(serde_json::json!({"auth_time": -5.5}))).await;
+        assert_eq!(id.auth_time, None);
+        let id = identity_of(&auth, claims(serde_json::json!({"sid": "s9"}))).await;
+        assert_eq!(id.session, "sid:s9");
+        let a = identity_of(&auth, claims(serde_json::json!({"sid": ""}))).await;
+        let b = identity_of(&auth, claims(serde_json::json!({"sid": "", "jti": "2"}))).await;
+        assert!(a.session.starts_with("jwt:"), "{}", a.session);
+        assert_ne!(a.session, b.session);
+        assert_ne!(a.session_binding(), b.session_binding());
+    }
+
+    #[tokio::test]
+    // A fractional `exp` (jsonwebtoken rounds it to verify) is cached until
+    // the whole second below it plus the leeway: never longer than the
+    // token is accepted.
+    async fn fractional_exp_is_cached_until_its_whole_second() {
+        let auth = authenticator("0s");
+        let now = crate::token::unix_now();
+        let t = signed(&serde_json::json!({"sub": "alice", "exp": (now + 600) as f64 + 0.5}));
+        assert!(auth.authenticate(&headers(&t), None, PEER).await.is_ok());
+        assert_eq!(auth.token_cache().len(), 1, "verified token is cached");
+        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+        let key = (
+            digest,
+            auth.key_generation().unwrap_or_default(),
+            auth.token_cache().generation(),
+        );
+        assert!(auth.token_cache().get(&key, now + 600).is_some());
+        assert!(auth.token_cache().get(&key, now + 601).is_none());
+    }
+
+    #[test]
+    // Each key set has its own generation (what cached tokens are filed
+    // under); without JWT keys there is none.
+    fn each_key_set_has_its_own_generation() {
+        let (a, b) = (authenticator("0s"), authenticator("0s"));
+        assert!(a.key_generation().is_some());
+        assert_ne!(a.key_generation(), b.key_generation());
+        let yaml = "upstream: { url: http://127.0.0.1:1 }\nidentity:\n  trusted_header: { user: X-User, from: [127.0.0.1/32] }\nstepup:\n  token: { signing_key: other-key-0123456789abcdef0123456789 }\n  console: true\ndev: true\n";
+        let cfg = Config::from_yaml(std::path::Path::new("t.yaml"), yaml, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let none = Authenticator::new(
+            &cfg.identity,
+            &cfg.built.jwt_keys,
+            &Default::default(),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(none.key_generation(), None);
+    }
+
     #[tokio::test]
     // A cached token is refused once its exp has passed: the cache never
     // extends a token's life.

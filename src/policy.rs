@@ -1425,6 +1425,20 @@ mod tests {
     }
 
     #[test]
+    // `Glob::matches` takes a normalised path, which starts with `/`; a
+    // relative one matches no glob, case-insensitive or not (folding must
+    // not make `admin/x` absolute).
+    fn relative_paths_match_no_glob() {
+        let ci = Glob::case_insensitive("/admin/**").unwrap_or_else(|e| panic!("{e}"));
+        for g in [glob("/admin/**"), ci] {
+            assert!(g.matches("/admin/x"));
+            for path in ["admin/x", "admin", "ADMIN/x", ""] {
+                assert!(!g.matches(path), "{} matched {path:?}", g.as_str());
+            }
+        }
+    }
+
+    #[test]
     fn case_insensitive_regex_and_inline_flag() {
         // protects against `(?i)` being refused (regex built without
         // Unicode case folding) and against the rule option being ignored

@@ -872,7 +872,19 @@ default: maybe
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("5 m").is_err());
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("s").is_err());
         assert_eq!(fmt_duration(Duration::from_secs(300)), "5m");
+        // The largest whole unit; milliseconds for a fraction of a second
+        // (and for zero), never a rounded value.
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(fmt_duration(Duration::ZERO), "0ms");
+        assert_eq!(fmt_duration(Duration::from_secs(86_400)), "24h");
+        for d in ["250ms", "1500ms", "30s", "90s", "5m", "2h"] {
+            assert_eq!(parse_duration(d).map(fmt_duration).as_deref(), Ok(d));
+        }
     }
 
     #[test]
