@@ -552,6 +552,16 @@ mod cache_tests {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Where `auth`'s verified-token cache files token `t` now.
+    fn cache_key(auth: &Authenticator, t: &str) -> CacheKey {
+        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+        (
+            digest,
+            auth.key_generation().unwrap_or_default(),
+            auth.token_cache().generation(),
+        )
+    }
+
     fn token(exp: u64) -> String {
         let claims = serde_json::json!({"sub": "alice", "exp": exp, "sid": "s1"});
         jsonwebtoken::encode(
@@ -644,12 +654,7 @@ mod cache_tests {
         let t = signed(&serde_json::json!({"sub": "alice", "exp": (now + 600) as f64 + 0.5}));
         assert!(auth.authenticate(&headers(&t), None, PEER).await.is_ok());
         assert_eq!(auth.token_cache().len(), 1, "verified token is cached");
-        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
-        let key = (
-            digest,
-            auth.key_generation().unwrap_or_default(),
-            auth.token_cache().generation(),
-        );
+        let key = cache_key(&auth, &t);
         assert!(auth.token_cache().get(&key, now + 600).is_some());
         assert!(auth.token_cache().get(&key, now + 601).is_none());
     }
@@ -719,12 +724,7 @@ mod cache_tests {
         let now = crate::token::unix_now();
         let t = token(now + 60);
         assert!(auth.authenticate(&headers(&t), None, PEER).await.is_ok());
-        let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
-        let key = (
-            digest,
-            auth.key_generation().unwrap_or_default(),
-            auth.token_cache().generation(),
-        );
+        let key = cache_key(&auth, &t);
         assert!(auth.token_cache().get(&key, now + 65).is_some());
         assert!(auth.token_cache().get(&key, now + 66).is_none());
         assert!(auth.token_cache().is_empty());
