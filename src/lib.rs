@@ -31,6 +31,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;

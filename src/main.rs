@@ -13,6 +13,35 @@ use stepgate::config::{parse_duration, Config};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How mimalloc gives freed memory back to the kernel, unless the
+/// environment sets it (`MIMALLOC_ARENA_EAGER_COMMIT`,
+/// `MIMALLOC_PURGE_DELAY`). With its defaults, memory freed by a burst of
+/// requests (10,000 keep-alive connections each sending one, whose HTTP
+/// buffers are freed once they go idle) stays resident for good: freed
+/// pages are only marked lazily free (`MADV_FREE`, still counted in RSS)
+/// and their purge waits a second for allocator activity that an idle
+/// gateway never has. Committing arena memory on demand makes a purge
+/// return it (`MADV_DONTNEED`), after 100 ms instead of 1 s. Measured with
+/// `bench/run.sh`: 10,000 idle connections after one request each 127 ->
+/// 55 MiB, peak RSS under load halved, CPU per request unchanged (a purge
+/// delay of 0 cost 17 % more CPU per request).
+fn tune_allocator() {
+    // The option numbers of mimalloc.h (v3, as libmimalloc-sys builds it):
+    // mi_option_arena_eager_commit and mi_option_purge_delay.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    for (env, option, value) in [
+        ("MIMALLOC_ARENA_EAGER_COMMIT", ARENA_EAGER_COMMIT, 0),
+        ("MIMALLOC_PURGE_DELAY", PURGE_DELAY, 100),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: stores an integer in mimalloc's option table (no
+            // pointer is passed); mimalloc reads options atomically.
+            unsafe { libmimalloc_sys::mi_option_set(option, value) };
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "stepgate",
@@ -83,6 +112,7 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
@@ -186,7 +216,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Run a server on a multi-threaded runtime until it returns. The signal
+/// Run a server until it returns. The main thread's runtime accepts
+/// connections and runs the background work (signals, reloads, the admin
+/// listener, key refreshes); client connections are served on the
+/// `listen.workers` threads the server starts (`server.rs`). The signal
 /// handlers are installed before the server starts, so a SIGTERM that
 /// arrives while it is starting up drains it rather than killing it.
 fn serve<F, Fut>(what: &str, server: F) -> ExitCode
@@ -194,7 +227,7 @@ where
     F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

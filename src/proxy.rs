@@ -282,7 +282,10 @@ impl Proxy {
             dial,
             host,
             pool: Arc::new(Pool {
-                idle: Mutex::new(Vec::new()),
+                // One per serving thread, and one for any other thread.
+                shards: (0..=crate::config::default_workers())
+                    .map(|_| Mutex::new(Vec::new()))
+                    .collect(),
                 max_idle: cfg.pool_max_idle_per_host,
                 idle_timeout: cfg.pool_idle_timeout,
                 reaper: std::sync::Once::new(),
@@ -381,7 +384,7 @@ impl Proxy {
     async fn send(
         &self,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, SendRequest<Body>), ProxyError> {
+    ) -> Result<(Response<Incoming>, Pooled), ProxyError> {
         loop {
             let (mut conn, reused) = match self.pool.checkout() {
                 Some(conn) => (conn, true),
@@ -390,10 +393,10 @@ impl Proxy {
             // A pooled connection may still be finishing its last exchange
             // (its body was read to the end, the connection task has yet to
             // see it); one that has closed meanwhile was never sent on.
-            if reused && conn.ready().await.is_err() {
+            if reused && conn.send.ready().await.is_err() {
                 continue;
             }
-            match conn.try_send_request(req).await {
+            match conn.send.try_send_request(req).await {
                 Ok(res) => return Ok((res, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
@@ -404,8 +407,8 @@ impl Proxy {
     }
 
     /// A new HTTP/1.1 connection (TLS for an `https` upstream), its
-    /// connection task spawned.
-    async fn connect(&self) -> Result<SendRequest<Body>, ProxyError> {
+    /// connection task spawned on the current thread's runtime.
+    async fn connect(&self) -> Result<Pooled, ProxyError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -423,13 +426,28 @@ impl Proxy {
                 tracing::debug!(error = %error_chain(&e), "upstream connection failed");
             }
         });
-        Ok(conn)
+        Ok(Pooled {
+            send: conn,
+            home: self.pool.shard(),
+        })
     }
 }
 
-/// Idle upstream connections, the most recently used last.
+/// An upstream connection, and the pool shard of the thread whose runtime
+/// drives it (where it goes back when idle).
+struct Pooled {
+    send: SendRequest<Body>,
+    home: usize,
+}
+
+/// Idle upstream connections, the most recently used last, one shard per
+/// serving thread (`worker.rs`): a connection is driven by the runtime of
+/// the thread that opened it and only ever reused by requests on that
+/// thread, so none of them wakes another thread (as nginx keeps its
+/// upstream keep-alive connections per worker process).
 struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    shards: Box<[Mutex<Vec<Idle>>]>,
+    /// At most this many idle connections per shard.
     max_idle: usize,
     idle_timeout: Duration,
     /// Starts the task that closes expired connections, once.
@@ -437,15 +455,25 @@ struct Pool {
 }
 
 struct Idle {
-    conn: SendRequest<Body>,
+    conn: Pooled,
     since: Instant,
 }
 
 impl Pool {
-    fn checkout(&self) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+    /// The current thread's shard.
+    fn shard(&self) -> usize {
+        crate::worker::index() % self.shards.len()
+    }
+
+    /// An idle connection of the current thread's shard. Never one of
+    /// another thread's: its runtime would then be woken for every read
+    /// and write of this request (a new connection is cheaper over time).
+    fn checkout(&self) -> Option<Pooled> {
+        let mut idle = self.shards[self.shard()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         while let Some(e) = idle.pop() {
-            if !e.conn.is_closed() && e.since.elapsed() < self.idle_timeout {
+            if !e.conn.send.is_closed() && e.since.elapsed() < self.idle_timeout {
                 return Some(e.conn);
             }
         }
@@ -454,18 +482,18 @@ impl Pool {
 
     /// Keep a connection whose exchange has ended, unless the pool is full
     /// (it is then dropped, which closes it).
-    fn checkin(self: &Arc<Self>, mut conn: SendRequest<Body>) {
-        if conn.is_closed() || self.max_idle == 0 {
+    fn checkin(self: &Arc<Self>, mut conn: Pooled) {
+        if conn.send.is_closed() || self.max_idle == 0 {
             return;
         }
-        if !conn.is_ready() {
+        if !conn.send.is_ready() {
             // Its connection task has not yet seen the exchange end (or a
             // request body is still going up): pool it once it is ready,
             // so a checkout never waits on someone else's exchange.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let pool = self.clone();
                 rt.spawn(async move {
-                    if conn.ready().await.is_ok() {
+                    if conn.send.ready().await.is_ok() {
                         pool.checkin(conn);
                     }
                 });
@@ -473,7 +501,8 @@ impl Pool {
             return;
         }
         {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let shard = conn.home % self.shards.len();
+            let mut idle = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() >= self.max_idle {
                 return;
             }
@@ -500,15 +529,17 @@ async fn reap(pool: Weak<Pool>) {
     loop {
         tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else { return };
-        let expired: Vec<Idle> = {
-            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let (keep, expired) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|e| !e.conn.is_closed() && e.since.elapsed() < pool.idle_timeout);
-            *idle = keep;
-            expired
-        };
-        drop(expired);
+        for shard in pool.shards.iter() {
+            let expired: Vec<Idle> = {
+                let mut idle = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let (keep, expired) = std::mem::take(&mut *idle).into_iter().partition(|e| {
+                    !e.conn.send.is_closed() && e.since.elapsed() < pool.idle_timeout
+                });
+                *idle = keep;
+                expired
+            };
+            drop(expired);
+        }
     }
 }
 
@@ -517,7 +548,7 @@ async fn reap(pool: Weak<Pool>) {
 /// failed, takes its connection with it (hyper closes it).
 struct PooledBody {
     inner: Incoming,
-    conn: Option<SendRequest<Body>>,
+    conn: Option<Pooled>,
     pool: Arc<Pool>,
 }
 
@@ -628,7 +659,7 @@ impl http_body::Body for ProgressBody {
 fn splice_upgrade(
     mut res: Response<Incoming>,
     client: hyper::upgrade::OnUpgrade,
-    conn: SendRequest<Body>,
+    conn: Pooled,
 ) -> Response<Body> {
     let upstream = hyper::upgrade::on(&mut res);
     tokio::spawn(async move {

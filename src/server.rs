@@ -6,6 +6,7 @@ mod park;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,24 +54,37 @@ fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
 /// Serve the public listener until `shutdown` resolves, then stop
 /// accepting, let in-flight requests finish (bounded by the drain timeout)
 /// and return.
+///
+/// Connections are accepted here and each is handed to one of
+/// `listen.workers` serving threads (the one serving the fewest), which
+/// runs it to its end on its own current-thread runtime: the client
+/// connection, its requests and the upstream connections they use never
+/// leave that thread, so no request wakes another thread (`worker.rs`).
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let cfg = gateway.config();
-    // Built by the config's build step (h2 and http/1.1 by ALPN).
-    let tls = cfg.built.listener_tls.clone().map(TlsAcceptor::from);
-    let builder = Arc::new(http_builder(&cfg));
-    let http1 = Arc::new(http1_builder(&cfg));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        gateway: gateway.clone(),
+        // Built by the config's build step (h2 and http/1.1 by ALPN).
+        tls: cfg.built.listener_tls.clone().map(TlsAcceptor::from),
+        builder: http_builder(&cfg),
+        http1: http1_builder(&cfg),
+        idle_first_read: cfg.listen.header_read_timeout,
+        stopping,
+    });
+    let mut workers = (1..=cfg.listen.workers.max(1))
+        .map(|i| Worker::start(i, shared.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     let graceful = GracefulShutdown::new();
     // At most `max_connections` client connections at once: past it the
     // loop stops accepting, so new connections wait in the kernel's listen
     // backlog (and are refused by the kernel once that is full) instead of
     // growing memory without bound.
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.listen.max_connections));
-    let idle_first_read = cfg.listen.header_read_timeout;
-    let (stop, stopping) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -93,62 +107,25 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let gateway = gateway.clone();
-        let builder = builder.clone();
-        let http1 = http1.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        let mut stopping = stopping.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            gateway.metrics.connection_opened();
-            // A connection that has sent nothing yet holds no HTTP state
-            // (hyper allocates its buffers on the first read); the same
-            // deadline as for a request head applies, and shutdown ends it.
-            let first = tokio::select! {
-                r = tokio::time::timeout(idle_first_read, stream.readable()) => matches!(r, Ok(Ok(()))),
-                _ = stopping.wait_for(|s| *s) => false,
-            };
-            if !first {
-                gateway.metrics.connection_closed();
-                return;
-            }
-            let conn = ClientConn {
-                peer,
-                tls: tls.is_some(),
-            };
-            match tls {
-                Some(acceptor) => {
-                    let svc = TowerToHyperService::new(GatewayService {
-                        gateway: gateway.clone(),
-                        conn,
-                    });
-                    Box::pin(serve_tls(acceptor, stream, peer, &builder, svc, watcher)).await
-                }
-                None if may_be_h2(&stream).await => {
-                    // HTTP/2 with prior knowledge (or too little sent to
-                    // tell): hyper-util's builder tells the two apart.
-                    let svc = TowerToHyperService::new(GatewayService {
-                        gateway: gateway.clone(),
-                        conn,
-                    });
-                    // Boxed: hyper-util's connection serves HTTP/1 and
-                    // HTTP/2 alike and is large; inline, it would make
-                    // every connection's task (plain and parked ones too)
-                    // about 700 bytes bigger.
-                    let fut = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if let Err(e) = Box::pin(watcher.watch(fut.into_owned())).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                None => {
-                    // Held, not used: shutdown waits for this connection.
-                    let _watcher = watcher;
-                    serve_parking(&gateway, stream, conn, &http1, idle_first_read, stopping).await
-                }
-            }
-            gateway.metrics.connection_closed();
-        });
+        // Off this runtime's poller; the worker registers it with its own.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let accepted = Accepted {
+            stream,
+            peer,
+            permit,
+            watcher: graceful.watcher(),
+        };
+        let least = workers
+            .iter()
+            .min_by_key(|w| w.open.load(Ordering::Relaxed))
+            .ok_or_else(|| "no serving thread".to_string())?;
+        least.open.fetch_add(1, Ordering::Relaxed);
+        if least.tx.send(accepted).is_err() {
+            least.open.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!("a serving thread has stopped");
+        }
     }
     drop(listener);
     let _ = stop.send(true);
@@ -159,7 +136,162 @@ pub async fn serve(
     {
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
+    // The workers stop once nothing more can reach them; what is still
+    // open on them is closed as their runtimes end.
+    for w in workers.drain(..) {
+        drop(w.tx);
+        let _ = w.done.await;
+    }
     Ok(())
+}
+
+/// What every serving thread needs to serve a connection.
+struct Shared {
+    gateway: Arc<Gateway>,
+    tls: Option<TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    http1: hyper::server::conn::http1::Builder,
+    /// How long a new connection may take to send its first byte.
+    idle_first_read: Duration,
+    /// Becomes true when the listener stops accepting.
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A connection accepted on the listener, on its way to a serving thread.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    /// Its place under `listen.max_connections`, held until it closes.
+    permit: tokio::sync::OwnedSemaphorePermit,
+    /// Shutdown waits for it while this is held.
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+/// One serving thread, as the accept loop sees it.
+struct Worker {
+    tx: tokio::sync::mpsc::UnboundedSender<Accepted>,
+    /// Connections it serves now.
+    open: Arc<AtomicUsize>,
+    /// Resolves once its runtime has ended.
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Worker {
+    /// Start serving thread `i` (1-based). It serves what it is sent until
+    /// the sender is dropped, then ends its runtime (closing whatever is
+    /// still open on it).
+    fn start(i: usize, shared: Arc<Shared>) -> Result<Worker, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start serving thread {i}: {e}"))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = open.clone();
+        std::thread::Builder::new()
+            .name(format!("stepgate-worker-{i}"))
+            .spawn(move || {
+                crate::worker::enter(i);
+                rt.block_on(async move {
+                    while let Some(accepted) = rx.recv().await {
+                        let shared = shared.clone();
+                        let count = count.clone();
+                        tokio::spawn(async move {
+                            serve_connection(&shared, accepted).await;
+                            count.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+                // Tasks still running (past the drain timeout) are dropped,
+                // which closes their connections.
+                rt.shutdown_timeout(Duration::from_secs(1));
+                let _ = finished.send(());
+            })
+            .map_err(|e| format!("cannot start serving thread {i}: {e}"))?;
+        Ok(Worker { tx, open, done })
+    }
+}
+
+/// Serve one accepted connection to its end, on the current serving
+/// thread.
+async fn serve_connection(shared: &Shared, accepted: Accepted) {
+    let Accepted {
+        stream,
+        peer,
+        permit: _permit,
+        watcher,
+    } = accepted;
+    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+        return;
+    };
+    let gateway = &shared.gateway;
+    let mut stopping = shared.stopping.clone();
+    gateway.metrics.connection_opened();
+    // A connection that has sent nothing yet holds no HTTP state
+    // (hyper allocates its buffers on the first read); the same
+    // deadline as for a request head applies, and shutdown ends it.
+    let first = tokio::select! {
+        r = tokio::time::timeout(shared.idle_first_read, stream.readable()) => matches!(r, Ok(Ok(()))),
+        _ = stopping.wait_for(|s| *s) => false,
+    };
+    if !first {
+        gateway.metrics.connection_closed();
+        return;
+    }
+    let conn = ClientConn {
+        peer,
+        tls: shared.tls.is_some(),
+    };
+    match &shared.tls {
+        Some(acceptor) => {
+            let svc = TowerToHyperService::new(GatewayService {
+                gateway: gateway.clone(),
+                conn,
+            });
+            Box::pin(serve_tls(
+                acceptor.clone(),
+                stream,
+                peer,
+                &shared.builder,
+                svc,
+                watcher,
+            ))
+            .await
+        }
+        None if may_be_h2(&stream).await => {
+            // HTTP/2 with prior knowledge (or too little sent to
+            // tell): hyper-util's builder tells the two apart.
+            let svc = TowerToHyperService::new(GatewayService {
+                gateway: gateway.clone(),
+                conn,
+            });
+            // Boxed: hyper-util's connection serves HTTP/1 and
+            // HTTP/2 alike and is large; inline, it would make
+            // every connection's task (plain and parked ones too)
+            // about 700 bytes bigger.
+            let fut = shared
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            if let Err(e) = Box::pin(watcher.watch(fut.into_owned())).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        None => {
+            // Held, not used: shutdown waits for this connection.
+            let _watcher = watcher;
+            serve_parking(
+                gateway,
+                stream,
+                conn,
+                &shared.http1,
+                shared.idle_first_read,
+                stopping,
+            )
+            .await
+        }
+    }
+    gateway.metrics.connection_closed();
 }
 
 /// The bytes every HTTP/2 prior-knowledge connection starts with.

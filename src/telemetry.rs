@@ -357,6 +357,11 @@ struct RefusedLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -420,6 +425,7 @@ pub struct Metrics {
     audit: Family<AuditLabels, Counter>,
     connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     parked: Gauge<i64, std::sync::atomic::AtomicI64>,
+    worker_connections: Family<WorkerLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
     reloads: Family<EventLabels, Counter<u64, AtomicU64>>,
     sends_refused: Family<RefusedLabels, Counter>,
     jwks_fetches: Family<ResultLabels, Counter<u64, AtomicU64>>,
@@ -465,6 +471,12 @@ impl Metrics {
             "open_connections",
             "Open client connections",
             connections.clone(),
+        );
+        let worker_connections = Family::<WorkerLabels, Gauge>::default();
+        registry.register(
+            "worker_connections",
+            "Open client connections by the serving thread that serves them",
+            worker_connections.clone(),
         );
         let parked = Gauge::default();
         registry.register(
@@ -516,6 +528,7 @@ impl Metrics {
             audit,
             connections,
             parked,
+            worker_connections,
             reloads,
         }
     }
@@ -555,12 +568,24 @@ impl Metrics {
         self.duration.observe(elapsed.as_secs_f64());
     }
 
+    /// A client connection is being served, on the current thread.
     pub fn connection_opened(&self) {
         self.connections.inc();
+        self.worker_gauge().inc();
     }
 
+    /// A connection [`Metrics::connection_opened`] counted has closed (on
+    /// the same thread).
     pub fn connection_closed(&self) {
         self.connections.dec();
+        self.worker_gauge().dec();
+    }
+
+    fn worker_gauge(&self) -> Gauge<i64, std::sync::atomic::AtomicI64> {
+        let worker = crate::worker::index().to_string();
+        self.worker_connections
+            .get_or_create(&WorkerLabels { worker })
+            .clone()
     }
 
     /// An idle connection gave its HTTP buffers back (`parked: true`) or

@@ -98,6 +98,12 @@ pub fn source_digest(text: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(text).into()
 }
 
+/// `listen.workers` when not set: one per CPU the process may use (cgroup
+/// quotas included), as nginx's `worker_processes auto`.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// `listen.max_connections` when not set.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
@@ -118,6 +124,9 @@ pub struct Listen {
     /// Client connections served at once; further ones wait in the
     /// listen backlog until one closes.
     pub max_connections: usize,
+    /// Threads serving client connections, each with its own runtime
+    /// (and its own upstream connections).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -35,6 +35,7 @@ pub struct Listen {
     pub drain_timeout: Option<Str>,
     pub trusted_proxies: Option<Vec<Str>>,
     pub max_connections: Option<u64>,
+    pub workers: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -275,7 +276,7 @@ macro_rules! strings {
 
 strings! {
     File { listen, admin, upstream, identity, stepup, store, routes, default, log, dev }
-    Listen { address, tls, max_header_bytes, max_uri_bytes, header_read_timeout, drain_timeout, trusted_proxies, max_connections }
+    Listen { address, tls, max_header_bytes, max_uri_bytes, header_read_timeout, drain_timeout, trusted_proxies, max_connections, workers }
     Tls { cert, key }
     Admin { address }
     Upstream { url, connect_timeout, timeout, ca_file, pool_idle_timeout, pool_max_idle_per_host, assertion }

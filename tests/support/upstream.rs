@@ -30,6 +30,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Requests served so far.
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted so far.
+    pub conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -70,11 +72,14 @@ impl Upstream {
         let addr = listener.local_addr().expect("upstream addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let accepted = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (counter, tls) = (counter.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -101,7 +106,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, hits, task }
+        Upstream {
+            addr,
+            hits,
+            conns,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -110,6 +120,11 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections the gateway has opened to this upstream so far.
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
     }
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::Validator;
 use crate::config::build::Build;
-use crate::config::{raw, Listen, DEFAULT_MAX_CONNECTIONS};
+use crate::config::{default_workers, raw, Listen, DEFAULT_MAX_CONNECTIONS};
 use crate::tls::TlsFiles;
 
 pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> {
@@ -52,6 +52,14 @@ pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> 
             DEFAULT_MAX_CONNECTIONS
         }
     };
+    let workers = match l.workers {
+        None => default_workers(),
+        Some(n) if (1..=1024).contains(&n) => n as usize,
+        Some(n) => {
+            v.problem("listen.workers", format!("{n} is out of range 1..=1024"));
+            default_workers()
+        }
+    };
     let header_read_timeout = v.duration(
         "listen.header_read_timeout",
         l.header_read_timeout,
@@ -75,6 +83,7 @@ pub(super) fn validate(v: &mut Validator<'_>, l: raw::Listen) -> Option<Listen> 
         drain_timeout,
         trusted_proxies,
         max_connections,
+        workers,
     })
 }
 
@@ -91,10 +100,12 @@ mod tests {
         assert_eq!(c.listen.max_header_bytes, 16 * 1024);
         assert_eq!(c.listen.max_uri_bytes, 8 * 1024);
         assert_eq!(c.listen.max_connections, 10_000);
+        assert_eq!(c.listen.workers, crate::config::default_workers());
+        assert!(c.listen.workers >= 1);
         assert_eq!(c.listen.header_read_timeout, Duration::from_secs(10));
         assert!(c.listen.tls.is_none());
         let e = problems(&format!(
-            "{BASE}listen:\n  address: nowhere\n  max_header_bytes: 10\n  max_uri_bytes: 2000000\n  max_connections: 0\n  drain_timeout: soon\n  trusted_proxies: [10.0.0.0/8, bogus]\n  tls: {{ cert: missing.crt, key: missing.key }}\n"
+            "{BASE}listen:\n  address: nowhere\n  max_header_bytes: 10\n  max_uri_bytes: 2000000\n  max_connections: 0\n  drain_timeout: soon\n  trusted_proxies: [10.0.0.0/8, bogus]\n  tls: {{ cert: missing.crt, key: missing.key }}\n  workers: 0\n"
         ));
         for want in [
             "gateway.yaml:13:12: listen.address: invalid address \"nowhere\"",
@@ -105,6 +116,7 @@ mod tests {
             "gateway.yaml:18:33: listen.trusted_proxies[1]: invalid CIDR \"bogus\"",
             "listen.tls.cert: file ",
             "listen.tls.key: file ",
+            "gateway.yaml:20:12: listen.workers: 0 is out of range 1..=1024",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
