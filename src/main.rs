@@ -15,32 +15,37 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// How mimalloc gives freed memory back to the kernel, unless the
 /// environment sets it (`MIMALLOC_ARENA_EAGER_COMMIT`,
-/// `MIMALLOC_PURGE_DELAY`). With its defaults, memory freed by a burst of
-/// requests (10,000 keep-alive connections each sending one, whose HTTP
-/// buffers are freed once they go idle) stays resident for good: freed
-/// pages are only marked lazily free (`MADV_FREE`, still counted in RSS)
-/// and their purge waits a second for allocator activity that an idle
-/// gateway never has. Committing arena memory on demand makes a purge
-/// return it (`MADV_DONTNEED`), after 100 ms instead of 1 s. Measured with
-/// `bench/run.sh`: 10,000 idle connections after one request each 127 ->
-/// 55 MiB, peak RSS under load halved, CPU per request unchanged (a purge
-/// delay of 0 cost 17 % more CPU per request).
-fn tune_allocator() {
+/// `MIMALLOC_PURGE_DELAY`, which mimalloc reads itself). With its
+/// defaults, memory freed after a burst of requests (10,000 keep-alive
+/// connections each sending one, whose HTTP buffers are freed once they go
+/// idle) stays resident: freed pages of eagerly committed arenas are only
+/// marked lazily free (`MADV_FREE`, still counted in RSS), and a purge
+/// waits a second for allocator activity that an idle gateway may never
+/// have. Arena memory committed on demand is returned by a purge
+/// (`MADV_DONTNEED`), here after 100 ms. Measured with `bench/run.sh`
+/// (README, Performance): memory after a burst and peak RSS under load
+/// down, CPU per request unchanged; a purge delay of 0 cost 17 % more CPU
+/// per request.
+extern "C" fn tune_allocator() {
     // The option numbers of mimalloc.h (v3, as libmimalloc-sys builds it):
     // mi_option_arena_eager_commit and mi_option_purge_delay.
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    for (env, option, value) in [
-        ("MIMALLOC_ARENA_EAGER_COMMIT", ARENA_EAGER_COMMIT, 0),
-        ("MIMALLOC_PURGE_DELAY", PURGE_DELAY, 100),
-    ] {
-        if std::env::var_os(env).is_none() {
-            // SAFETY: stores an integer in mimalloc's option table (no
-            // pointer is passed); mimalloc reads options atomically.
-            unsafe { libmimalloc_sys::mi_option_set(option, value) };
-        }
+    // SAFETY: each call stores an integer in mimalloc's option table,
+    // unless the environment set that option; no pointer is passed.
+    unsafe {
+        libmimalloc_sys::mi_option_set_default(ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set_default(PURGE_DELAY, 100);
     }
 }
+
+/// Runs [`tune_allocator`] before the Rust runtime starts, so before the
+/// first allocation: mimalloc decides how an arena is committed when it
+/// makes it, and makes the first one for the first allocation.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
 #[derive(Parser)]
 #[command(
@@ -112,6 +117,7 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    #[cfg(not(target_os = "linux"))]
     tune_allocator();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {

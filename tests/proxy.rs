@@ -1533,6 +1533,18 @@ enum UpstreamConn {
     ClosedByGateway,
 }
 
+/// `yaml` with one serving thread. Each serving thread keeps its own
+/// upstream connections, and these tests count the upstream connections
+/// that requests made one after another (each from a new client
+/// connection, which may go to either thread) use.
+fn one_worker(yaml: String) -> String {
+    assert!(yaml.contains("  drain_timeout: 5s\n"));
+    yaml.replace(
+        "  drain_timeout: 5s\n",
+        "  drain_timeout: 5s\n  workers: 1\n",
+    )
+}
+
 /// A plain HTTP/1.1 upstream that answers `200 ok` to the first `answers`
 /// request heads on each connection, then closes it: at once, or, with
 /// `swallow`, after reading one more request it never answers. Reports
@@ -1604,7 +1616,7 @@ fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<UpstreamConn>) -> Vec<Ups
 // with pool_max_idle_per_host 0 nothing is kept.
 async fn upstream_connections_are_reused_and_expire_when_idle() {
     let (addr, mut events) = counting_upstream(usize::MAX, false).await;
-    let yaml = config_yaml(&format!("http://{addr}"), CONSOLE, "").replace(
+    let yaml = one_worker(config_yaml(&format!("http://{addr}"), CONSOLE, "")).replace(
         "  timeout: 2s\n",
         "  timeout: 2s\n  pool_idle_timeout: 2s\n",
     );
@@ -1623,7 +1635,7 @@ async fn upstream_connections_are_reused_and_expire_when_idle() {
     );
 
     let (addr, mut events) = counting_upstream(usize::MAX, false).await;
-    let yaml = config_yaml(&format!("http://{addr}"), CONSOLE, "").replace(
+    let yaml = one_worker(config_yaml(&format!("http://{addr}"), CONSOLE, "")).replace(
         "  timeout: 2s\n",
         "  timeout: 2s\n  pool_max_idle_per_host: 0\n",
     );
@@ -1650,7 +1662,12 @@ async fn upstream_connections_are_reused_and_expire_when_idle() {
 // never sent a second time (it may have been acted on).
 async fn upstream_closing_keep_alive_connections() {
     let (addr, mut events) = counting_upstream(1, false).await;
-    let gw = TestGateway::start(&config_yaml(&format!("http://{addr}"), CONSOLE, "")).await;
+    let gw = TestGateway::start(&one_worker(config_yaml(
+        &format!("http://{addr}"),
+        CONSOLE,
+        "",
+    )))
+    .await;
     for i in 0..10 {
         let res = get(&gw.url("/x"), &[]).await;
         assert_eq!(res.status, StatusCode::OK, "request {i}: {}", res.text());
@@ -1663,7 +1680,12 @@ async fn upstream_closing_keep_alive_connections() {
     assert_eq!(opened, 10);
 
     let (addr, mut events) = counting_upstream(1, true).await;
-    let gw = TestGateway::start(&config_yaml(&format!("http://{addr}"), CONSOLE, "")).await;
+    let gw = TestGateway::start(&one_worker(config_yaml(
+        &format!("http://{addr}"),
+        CONSOLE,
+        "",
+    )))
+    .await;
     let res = request(Method::POST, &gw.url("/x"), &[], Bytes::from("a=1")).await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.text());
     let res = request(Method::POST, &gw.url("/x"), &[], Bytes::from("a=2")).await;
