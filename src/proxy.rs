@@ -239,8 +239,14 @@ pub struct Proxy {
 
 impl Proxy {
     /// `ca` holds the certificates of `upstream.ca_file`, as the config's
-    /// build step loaded them.
-    pub fn new(cfg: &Settings, ca: &[CertificateDer<'static>]) -> Result<Proxy, String> {
+    /// build step loaded them; `threads` is the number of serving threads
+    /// (`listen.workers` as the server started them), each of which gets
+    /// its own share of the pool.
+    pub fn new(
+        cfg: &Settings,
+        ca: &[CertificateDer<'static>],
+        threads: usize,
+    ) -> Result<Proxy, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(cfg.connect_timeout));
@@ -283,9 +289,7 @@ impl Proxy {
             host,
             pool: Arc::new(Pool {
                 // One per serving thread, and one for any other thread.
-                shards: (0..=crate::config::default_workers())
-                    .map(|_| Mutex::new(Vec::new()))
-                    .collect(),
+                shards: (0..=threads).map(|_| Mutex::new(Vec::new())).collect(),
                 max_idle: cfg.pool_max_idle_per_host,
                 idle_timeout: cfg.pool_idle_timeout,
                 reaper: std::sync::Once::new(),
@@ -293,6 +297,11 @@ impl Proxy {
             base_path,
             timeout: cfg.timeout,
         })
+    }
+
+    /// The serving threads the pool has a shard for.
+    pub fn threads(&self) -> usize {
+        self.pool.shards.len() - 1
     }
 
     /// The upstream request target (origin form: the upstream's path

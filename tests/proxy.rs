@@ -661,28 +661,35 @@ async fn max_connections_makes_new_connections_wait() {
 
 #[tokio::test]
 // listen.workers: new connections go to the serving thread with the
-// fewest, and each thread keeps its own upstream connections: two clients
-// taking turns (never two requests at once) are served over two upstream
-// connections, one per thread, each reused for its thread's requests.
+// fewest, and each thread keeps its own upstream connections: clients
+// taking turns (never two requests at once), one per thread, are served
+// over one upstream connection per thread, each reused for its thread's
+// requests. Also with more threads than CPUs.
 async fn each_serving_thread_has_its_connections_and_upstream_pool() {
+    for workers in [2, 5] {
+        serving_threads_keep_their_own(workers).await;
+    }
+}
+
+async fn serving_threads_keep_their_own(workers: usize) {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
     let up = Upstream::start().await;
     let yaml = config_yaml(&up.url(), CONSOLE, "").replace(
         "  drain_timeout: 5s\n",
-        "  drain_timeout: 5s\n  workers: 2\n",
+        &format!("  drain_timeout: 5s\n  workers: {workers}\n"),
     );
     let gw = TestGateway::start(&yaml).await;
     let req = b"GET /assets/x HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut clients = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..workers {
         let mut s = TcpStream::connect(gw.addr).await.expect("connect");
         s.write_all(req).await.expect("write");
         assert_eq!(read_response(&mut s).await.0, 200);
         clients.push(s);
     }
     let m = get(&gw.admin_url("/metrics"), &[]).await.text();
-    for worker in ["1", "2"] {
+    for worker in 1..=workers {
         let line = format!("stepgate_worker_connections{{worker=\"{worker}\"}} 1");
         assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
     }
@@ -692,8 +699,12 @@ async fn each_serving_thread_has_its_connections_and_upstream_pool() {
             assert_eq!(read_response(s).await.0, 200);
         }
     }
-    assert_eq!(up.hits(), 8);
-    assert_eq!(up.connections(), 2, "one upstream connection per thread");
+    assert_eq!(up.hits(), 4 * workers);
+    assert_eq!(
+        up.connections(),
+        workers,
+        "one upstream connection per thread ({workers} threads)"
+    );
 }
 
 /// Read one whole response (head and `Content-Length` body) from a

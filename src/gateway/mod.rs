@@ -287,7 +287,9 @@ impl State {
             &metrics,
             previous.map(|p| &p.auth),
         )?;
-        let proxy = Proxy::new(&config.upstream, &built.upstream_ca)?;
+        // Serving threads are started once: a reload keeps their number.
+        let threads = previous.map_or(config.listen.workers, |p| p.proxy.threads());
+        let proxy = Proxy::new(&config.upstream, &built.upstream_ca, threads)?;
         let stepup = Stepup::new(
             &config.stepup,
             built.stepup.clone(),
