@@ -347,7 +347,9 @@ impl Authenticator {
                 return Ok(id);
             }
         }
-        let (id, exp, used_generation) = self.verify_uncached(token, &digest).await?;
+        // Boxed: off the cached path, and large (it may fetch the key
+        // set); inline, it would make every request's future ~2 KB bigger.
+        let (id, exp, used_generation) = Box::pin(self.verify_uncached(token, &digest)).await?;
         let id = Arc::new(id);
         if let (Some(exp), Some(key)) = (exp, key) {
             let valid_until = exp.saturating_add(jwt.leeway.as_secs());

@@ -397,7 +397,9 @@ impl Proxy {
         loop {
             let (mut conn, reused) = match self.pool.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+                // Boxed: a new connection is the rare case, and its future
+                // (connector, TLS, handshake) is most of this one's size.
+                None => (Box::pin(self.connect()).await?, false),
             };
             // A pooled connection may still be finishing its last exchange
             // (its body was read to the end, the connection task has yet to
