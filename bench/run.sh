@@ -22,7 +22,9 @@
 # Knobs (environment): ROUNDS, SECS (per run), CONNS (wrk connections, 50),
 # IDLE_CONNS (10000), STEPGATE_BIN (skip the build, use this binary),
 # BASE_BIN (also measure another stepgate binary, e.g. a build of main, as
-# "stepgate (base)" rows), OUT (also write the table to this file).
+# "stepgate (base)" rows), OUT (also write the table to this file),
+# STEPGATE_WORKERS (listen.workers of every gateway measured; unset: the
+# default, one serving thread per CPU).
 #
 # Not part of the test suite; no test asserts a time.
 set -euo pipefail
@@ -165,7 +167,8 @@ gateway_yaml() {
 listen:
   address: 127.0.0.1:$gport
   header_read_timeout: 120s
-  max_connections: 20000
+  max_connections: 20000${STEPGATE_WORKERS:+
+  workers: $STEPGATE_WORKERS}
 admin: { address: 127.0.0.1:$aport }
 upstream: { url: "http://127.0.0.1:$backend" }
 identity:
