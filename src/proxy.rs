@@ -746,6 +746,28 @@ pub(crate) fn upstream_tls(ca: &[CertificateDer<'static>]) -> Result<rustls::Cli
 mod tests {
     use super::*;
 
+    /// Every request's future holds the upstream exchange's; dialling a
+    /// new connection (connector, TLS, handshake) is boxed, so it does
+    /// not make each of them as large as the rare dial (#8: a request's
+    /// future was 7 KB, copied whole into its allocation).
+    #[test]
+    fn the_exchange_future_does_not_carry_the_dial() {
+        let settings = Settings {
+            url: Uri::from_static("http://127.0.0.1:9"),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ca_file: None,
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 1,
+            assertion: None,
+        };
+        let proxy = Proxy::new(&settings, &[], 1).expect("proxy");
+        let send = proxy.send(Request::new(empty()));
+        let dial = proxy.connect();
+        let (send, dial) = (std::mem::size_of_val(&send), std::mem::size_of_val(&dial));
+        assert!(send < dial, "exchange future {send} bytes, dial {dial}");
+    }
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
