@@ -11,8 +11,7 @@
 # from a Python http.client loop, counters dumped; prints the dumped Ir / N.
 # Scenarios (ONLY to choose): pass-on (access log on), pass-off (log off),
 # rs-mem (step-up route, RS256 primary + second-factor token, memory store,
-# log off). KEEP=DIR keeps each scenario's callgrind output there
-# (callgrind_annotate DIR/callgrind.NAME). Needs valgrind, nginx, python3, openssl.
+# log off). Needs valgrind, nginx, python3, openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}
@@ -90,7 +89,6 @@ measure() { # name port path headers...
   callgrind_control -d "$vpid" >/dev/null 2>&1
   kill -INT "$vpid"; wait "$vpid" || true
   ir=$(awk '/^summary:/ {print $2}' "$w/cg.$name.$vpid.1")
-  if [ -n "${KEEP:-}" ]; then cp "$w/cg.$name.$vpid.1" "$KEEP/callgrind.$name"; fi
   printf '%s\t%s Ir/req\n' "$name" "$((ir / N))"
 }
 
