@@ -342,22 +342,30 @@ impl Proxy {
         // `timeout` runs from the last request body progress, not from the
         // start: a large upload that keeps moving is never cut off, an
         // upstream that stops answering is (like nginx's proxy timeouts).
-        let progress = Progress::new();
-        let req = req.map(|b| {
-            ProgressBody {
-                inner: b,
-                progress: progress.clone(),
-            }
-            .boxed()
-        });
+        // A request without a body (most are) makes no progress to track:
+        // its body is sent as it is, without a wrapper and its allocations.
+        let start = tokio::time::Instant::now();
+        let progress = (!http_body::Body::is_end_stream(req.body())).then(|| Progress::new(start));
+        let req = match &progress {
+            None => req,
+            Some(progress) => req.map(|b| {
+                ProgressBody {
+                    inner: b,
+                    progress: progress.clone(),
+                }
+                .boxed()
+            }),
+        };
+        let last = || progress.as_ref().map_or(0, Progress::last);
         let fut = self.send(req);
         tokio::pin!(fut);
         let (res, conn) = loop {
-            let seen = progress.last();
+            let seen = last();
+            let deadline = start + Duration::from_millis(seen) + self.timeout;
             tokio::select! {
                 res = &mut fut => break res?,
-                () = tokio::time::sleep_until(progress.deadline(seen, self.timeout)) => {
-                    if progress.last() == seen {
+                () = tokio::time::sleep_until(deadline) => {
+                    if last() == seen {
                         return Err(ProxyError::Timeout(self.timeout));
                     }
                 }
@@ -606,7 +614,8 @@ impl Drop for PooledBody {
     }
 }
 
-/// When a request body last made progress, in milliseconds since a base.
+/// When a request body last made progress, in milliseconds since a base
+/// (the start of the exchange).
 #[derive(Clone)]
 struct Progress {
     base: tokio::time::Instant,
@@ -614,9 +623,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Progress {
+    fn new(base: tokio::time::Instant) -> Progress {
         Progress {
-            base: tokio::time::Instant::now(),
+            base,
             last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
@@ -628,10 +637,6 @@ impl Progress {
 
     fn last(&self) -> u64 {
         self.last_ms.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn deadline(&self, last_ms: u64, timeout: Duration) -> tokio::time::Instant {
-        self.base + Duration::from_millis(last_ms) + timeout
     }
 }
 
