@@ -25,12 +25,12 @@ use crate::proxy::{Body, BoxError, ClientConn};
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP/1.1 connection builder for plain connections (see `park.rs`),
-/// with the same limits as [`http_builder`]'s.
+/// with the same limits as [`http_builder`]'s. The header-read timeout is
+/// not hyper's here: `park::ParkIo` keeps it on the timer it already has
+/// (hyper's would be a new timer per request).
 fn http1_builder(cfg: &Config) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(cfg.listen.header_read_timeout)
-        .max_buf_size(cfg.listen.max_header_bytes.max(8192))
+    b.max_buf_size(cfg.listen.max_header_bytes.max(8192))
         .keep_alive(true);
     b
 }
@@ -320,10 +320,7 @@ async fn serve_parking(
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let activity = Arc::new(park::Activity::default());
-    let mut io = park::ParkIo::new(stream, activity.clone());
-    // When a request head that began before a park must be complete: a
-    // head sent slowly across parks still meets one deadline (slowloris).
-    let mut head_deadline: Option<(u64, tokio::time::Instant)> = None;
+    let mut io = park::ParkIo::new(stream, activity.clone(), idle_deadline);
     loop {
         let svc = park::ParkedService {
             gateway: gateway.clone(),
@@ -363,18 +360,14 @@ async fn serve_parking(
             // close`, a refused head).
             _ => return,
         }
-        let now = tokio::time::Instant::now();
-        let wait = if parts.read_buf.is_empty() {
-            head_deadline = None;
-            idle_deadline
-        } else {
-            let served = activity.generation();
-            let at = match head_deadline {
-                Some((gen, at)) if gen == served => at,
-                _ => now + idle_deadline,
-            };
-            head_deadline = Some((served, at));
-            at.saturating_duration_since(now)
+        // Part of a head carried over keeps the deadline it began with: a
+        // head sent slowly across parks still meets one deadline
+        // (slowloris).
+        let wait = match io.head_deadline() {
+            Some(by) if !parts.read_buf.is_empty() => {
+                by.saturating_duration_since(tokio::time::Instant::now())
+            }
+            _ => idle_deadline,
         };
         io.resume(parts.read_buf);
         if *stopping.borrow() {

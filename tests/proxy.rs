@@ -843,6 +843,84 @@ async fn idle_keep_alive_connections_park_and_resume() {
     wait_metric(&gw, "stepgate_open_connections 0").await;
 }
 
+#[tokio::test]
+// A head trickled a byte every 100 ms never parks the connection (each
+// byte comes before the idle period ends), so only the head's own deadline
+// stops it: header_read_timeout (2s) cuts it, on a new connection and on a
+// keep-alive one, while a head that is slow but complete in time is
+// served. The deadline runs on the connection's one timer, not on a new
+// timer per request.
+async fn a_head_trickled_faster_than_the_park_still_times_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_up, gw) = setup().await;
+
+    /// Send `head` a byte every 100 ms; how many bytes went out before
+    /// the gateway closed the connection (all of them if it did not).
+    async fn trickle(s: &mut tokio::net::TcpStream, head: &[u8]) -> usize {
+        let mut probe = [0u8; 1];
+        for (i, b) in head.iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // A closed connection reads as end-of-stream (or a reset).
+            match tokio::time::timeout(Duration::ZERO, s.peek(&mut probe)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return i,
+                _ => {}
+            }
+            if s.write_all(&[*b]).await.is_err() {
+                return i;
+            }
+        }
+        head.len()
+    }
+
+    // The first head on a new connection: 60 bytes would take 6s.
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /assets/a HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let sent = trickle(&mut s, &[b'a'; 60]).await;
+    assert!(
+        sent < 40,
+        "a trickled first head held the connection for {sent} bytes"
+    );
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+    assert!(
+        rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // A keep-alive connection: one request, then a head slow but complete
+    // within the deadline (about 1.2s) is served, then one that is not
+    // is cut.
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /assets/b HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    s.write_all(b"GET /assets/c HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    assert_eq!(trickle(&mut s, b"X-Slow: abc\r\n\r\n").await, 15);
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"path\":\"/assets/c\""), "{body}");
+    s.write_all(b"GET /assets/d HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let sent = trickle(&mut s, &[b'a'; 60]).await;
+    assert!(
+        sent < 40,
+        "a trickled keep-alive head held the connection for {sent} bytes"
+    );
+    wait_metric(&gw, "stepgate_open_connections 0").await;
+}
+
 /// A dev CA and a server certificate for localhost, made by the script
 /// the README tells operators to use.
 fn make_cert(

@@ -56,8 +56,15 @@ const GEN_SHIFT: u32 = 8;
 /// service and the bodies of one connection; the bodies may be polled or
 /// dropped on other tasks (the upstream client's), so each carries the
 /// generation of its request and only ever marks its own.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Activity(AtomicU64);
+
+impl Default for Activity {
+    /// A new connection is between two exchanges: awaiting its first head.
+    fn default() -> Activity {
+        Activity(AtomicU64::new(REQUEST_DONE | RESPONSE_DONE))
+    }
+}
 
 impl Activity {
     /// A request head was handed to the service; returns its generation.
@@ -121,20 +128,32 @@ pub(super) struct ParkIo {
     /// When the current idle period ends in a park (set on the first
     /// empty read after an exchange, cleared by any byte read).
     park_at: Option<Instant>,
-    /// Wakes hyper at `park_at`; armed at most once per [`PARK_AFTER`]
-    /// on a busy connection.
+    /// How long a request head may take (`listen.header_read_timeout`).
+    head_timeout: Duration,
+    /// By when the head that follows request generation `.0` must be
+    /// complete: set on the first empty read after that exchange (as
+    /// hyper's own timer starts when it begins to read a head).
+    head_by: Option<(u64, Instant)>,
+    /// Wakes hyper at `park_at` or `head_by`, whichever is first; armed
+    /// at most once per [`PARK_AFTER`] on a busy connection.
     timer: Option<Pin<Box<Sleep>>>,
     parked: bool,
 }
 
 impl ParkIo {
-    pub(super) fn new(stream: TcpStream, activity: Arc<Activity>) -> ParkIo {
+    pub(super) fn new(
+        stream: TcpStream,
+        activity: Arc<Activity>,
+        head_timeout: Duration,
+    ) -> ParkIo {
         ParkIo {
             stream,
             prefix: Bytes::new(),
             activity,
             dirty: false,
             park_at: None,
+            head_timeout,
+            head_by: None,
             timer: None,
             parked: false,
         }
@@ -146,11 +165,21 @@ impl ParkIo {
         self.parked
     }
 
+    /// When the head being awaited must be complete, if it has begun to
+    /// be awaited.
+    pub(super) fn head_deadline(&self) -> Option<Instant> {
+        self.head_by
+            .filter(|(gen, _)| *gen == self.activity.generation())
+            .map(|(_, by)| by)
+    }
+
     /// Ready the socket for the next hyper connection, with the bytes the
     /// previous one had read but not used (copied: `unread` shares hyper's
-    /// whole read buffer).
+    /// whole read buffer). Part of a head carried over keeps its
+    /// deadline; with nothing carried over, the next head's starts anew.
     pub(super) fn resume(&mut self, unread: Bytes) {
         self.prefix = if unread.is_empty() {
+            self.head_by = None;
             Bytes::new()
         } else {
             Bytes::copy_from_slice(&unread)
@@ -164,34 +193,63 @@ impl ParkIo {
         &self.stream
     }
 
-    /// The socket had nothing to read: report end-of-stream if the
-    /// connection has been idle long enough, else arrange to be polled
-    /// again when it will have been.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// The socket had nothing to read between two exchanges: fail if the
+    /// next head is overdue, report end-of-stream if the connection has
+    /// been idle long enough, else arrange to be polled again when one of
+    /// the two will be due.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.dirty || !self.activity.idle() {
             return Poll::Pending;
         }
         let now = Instant::now();
-        let at = *self.park_at.get_or_insert(now + PARK_AFTER);
-        if now >= at {
-            return Poll::Ready(());
+        let gen = self.activity.generation();
+        let head_by = match self.head_by {
+            Some((g, by)) if g == gen => by,
+            _ => {
+                let by = now + self.head_timeout;
+                self.head_by = Some((gen, by));
+                by
+            }
+        };
+        let park_at = *self.park_at.get_or_insert(now + PARK_AFTER);
+        if let Some(due) = Self::due(now, head_by, park_at) {
+            return Poll::Ready(due);
         }
+        let at = park_at.min(head_by);
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
         // A timer still armed from an earlier idle period fires early and
         // is moved on then: no timer update per request.
-        if timer.is_elapsed() {
+        if timer.is_elapsed() || timer.deadline() > at {
             timer.as_mut().reset(at);
         }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) if Instant::now() >= at => Poll::Ready(()),
-            Poll::Ready(()) => {
-                timer.as_mut().reset(at);
-                let _ = timer.as_mut().poll(cx);
-                Poll::Pending
-            }
+            Poll::Ready(()) => match Self::due(Instant::now(), head_by, park_at) {
+                Some(due) => Poll::Ready(due),
+                None => {
+                    timer.as_mut().reset(at);
+                    let _ = timer.as_mut().poll(cx);
+                    Poll::Pending
+                }
+            },
             Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// What is due at `now`: the head's deadline passed (an error that
+    /// ends the connection, as hyper's own header timeout does), or the
+    /// park (end-of-stream).
+    fn due(now: Instant, head_by: Instant, park_at: Instant) -> Option<io::Result<()>> {
+        if now >= head_by {
+            Some(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not complete within listen.header_read_timeout",
+            )))
+        } else if now >= park_at {
+            Some(Ok(()))
+        } else {
+            None
         }
     }
 }
@@ -222,10 +280,11 @@ impl AsyncRead for ParkIo {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => match this.poll_idle(cx) {
-                Poll::Ready(()) => {
+                Poll::Ready(Ok(())) => {
                     this.parked = true;
                     Poll::Ready(Ok(()))
                 }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -257,10 +316,17 @@ impl AsyncWrite for ParkIo {
 
     /// hyper flushes the socket only once its own write buffer is empty,
     /// so a completed flush means every byte written has left.
+    ///
+    /// The flush that ends an exchange also arms the timer that parks the
+    /// connection or ends an overdue head: hyper, having last seen the
+    /// socket blocked, reads again only once woken.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let res = Pin::new(&mut self.stream).poll_flush(cx);
         if let Poll::Ready(Ok(())) = res {
-            self.dirty = false;
+            if std::mem::take(&mut self.dirty) && self.poll_idle(cx).is_ready() {
+                // Already due: have hyper read, and find out.
+                cx.waker().wake_by_ref();
+            }
         }
         res
     }
@@ -399,6 +465,7 @@ mod tests {
     // late mark from an earlier request's body must not.
     fn idle_needs_both_ends_of_the_current_exchange() {
         let a = Activity::default();
+        assert!(a.idle(), "a new connection awaits its first head");
         let g1 = a.request_started(false);
         assert!(!a.idle());
         a.mark(g1, RESPONSE_DONE);
