@@ -80,6 +80,35 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName, keep_upgrade: bool, named: &[&str
 /// cannot use `Connection` to strip what the gateway adds. One pass over
 /// the names present; only those found are removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Usually `Connection` lists only `keep-alive`, `close` or a fixed
+    // hop-by-hop name: the fixed names present are then found in one pass
+    // and removed, without allocating.
+    let names_other = connection_tokens(headers).any(|t| {
+        !HOP_BY_HOP
+            .iter()
+            .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            && headers.contains_key(t)
+    });
+    if !names_other {
+        let mut found = 0u16;
+        for name in headers.keys() {
+            if *name == header::UPGRADE {
+                if !keep_upgrade {
+                    found |= 1 << HOP_BY_HOP.len();
+                }
+            } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+                found |= 1 << i;
+            }
+        }
+        if found != 0 {
+            for (i, name) in HOP_BY_HOP.iter().chain([&header::UPGRADE]).enumerate() {
+                if found & (1 << i) != 0 {
+                    headers.remove(name);
+                }
+            }
+        }
+        return;
+    }
     let named: Vec<&str> = connection_tokens(headers).collect();
     let doomed: Vec<HeaderName> = headers
         .keys()
@@ -800,6 +829,30 @@ mod tests {
         assert!(h.get("te").is_none());
         assert!(h.get("connection").is_none());
         assert_eq!(h.get("x-bar").and_then(|v| v.to_str().ok()), Some("2"));
+    }
+
+    #[test]
+    // The usual message, whose Connection lists only fixed names: those
+    // present go (Upgrade unless kept), everything else stays.
+    fn fixed_hop_by_hop_names_are_removed() {
+        let h = headers(&[
+            ("connection", "Keep-Alive, TE"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("content-type", "text/plain"),
+            ("x-bar", "2"),
+        ]);
+        let left = |keep_upgrade| {
+            let mut h = h.clone();
+            strip_hop_by_hop(&mut h, keep_upgrade);
+            let mut names: Vec<String> = h.keys().map(|n| n.to_string()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(left(false), ["content-type", "x-bar"]);
+        assert_eq!(left(true), ["content-type", "upgrade", "x-bar"]);
     }
 
     #[test]
