@@ -1,8 +1,11 @@
 //! The forwarding service: request sanitising, the upstream URI, hop-by-hop
 //! and forwarded headers, streaming bodies both ways, WebSocket upgrades.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -385,21 +388,7 @@ impl Proxy {
                 .boxed()
             }),
         };
-        let last = || progress.as_ref().map_or(0, Progress::last);
-        let fut = self.send(req);
-        tokio::pin!(fut);
-        let (res, conn) = loop {
-            let seen = last();
-            let deadline = start + Duration::from_millis(seen) + self.timeout;
-            tokio::select! {
-                res = &mut fut => break res?,
-                () = tokio::time::sleep_until(deadline) => {
-                    if last() == seen {
-                        return Err(ProxyError::Timeout(self.timeout));
-                    }
-                }
-            }
-        };
+        let (res, conn) = self.send(req, start, progress.as_ref()).await?;
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             // A 101 nobody asked for would hand the client's connection to
             // the upstream's protocol, past the policy: refuse it.
@@ -423,28 +412,40 @@ impl Proxy {
         Ok(Response::from_parts(parts, body.boxed()))
     }
 
-    /// Send on an idle pooled connection, or a new one. A request that was
-    /// never written (the connection closed while idle in the pool) is sent
-    /// again on another connection, as hyper-util's client did; one that
-    /// may have reached the upstream never is.
+    /// Send on an idle pooled connection, or a new one, within `timeout`
+    /// of the request's start or its body's last progress. A request
+    /// that was never written (the connection closed while idle in the
+    /// pool) is sent again on another connection, as hyper-util's client
+    /// did; one that may have reached the upstream never is.
     async fn send(
         &self,
         mut req: Request<Body>,
+        start: tokio::time::Instant,
+        progress: Option<&Progress>,
     ) -> Result<(Response<Incoming>, Pooled), ProxyError> {
+        let deadline =
+            || start + Duration::from_millis(progress.map_or(0, Progress::last)) + self.timeout;
         loop {
             let (mut conn, reused) = match self.pool.checkout() {
                 Some(conn) => (conn, true),
                 // Boxed: a new connection is the rare case, and its future
                 // (connector, TLS, handshake) is most of this one's size.
-                None => (Box::pin(self.connect()).await?, false),
+                None => match Box::pin(tokio::time::timeout_at(deadline(), self.connect())).await {
+                    Ok(conn) => (conn?, false),
+                    Err(_) => return Err(ProxyError::Timeout(self.timeout)),
+                },
             };
+            let Pooled { send, timer, .. } = &mut conn;
             // A pooled connection may still be finishing its last exchange
             // (its body was read to the end, the connection task has yet to
             // see it); one that has closed meanwhile was never sent on.
-            if reused && conn.send.ready().await.is_err() {
-                continue;
+            if reused {
+                let ready = std::future::poll_fn(|cx| send.poll_ready(cx));
+                if within(timer, deadline, self.timeout, ready).await?.is_err() {
+                    continue;
+                }
             }
-            match conn.send.try_send_request(req).await {
+            match within(timer, deadline, self.timeout, send.try_send_request(req)).await? {
                 Ok(res) => return Ok((res, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
@@ -477,15 +478,52 @@ impl Proxy {
         Ok(Pooled {
             send: conn,
             home: self.pool.shard(),
+            timer: Box::pin(tokio::time::sleep(self.timeout)),
         })
     }
 }
 
-/// An upstream connection, and the pool shard of the thread whose runtime
-/// drives it (where it goes back when idle).
+/// An upstream connection, the pool shard of the thread whose runtime
+/// drives it (where it goes back when idle), and its timer for the
+/// upstream timeout.
 struct Pooled {
     send: SendRequest<Body>,
     home: usize,
+    /// Bounds each exchange on this connection ([`within`]). One timer
+    /// per connection, moved on for each request, rather than one made
+    /// per request: a new timer is registered with the runtime's timer
+    /// wheel when first polled and unregistered when dropped, both under
+    /// its lock, where moving a registered one later is an atomic store.
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// Wait for `fut`, but not past `deadline()` (which a request body's
+/// progress moves on), on the connection's `timer`.
+async fn within<T>(
+    timer: &mut Pin<Box<tokio::time::Sleep>>,
+    deadline: impl Fn() -> tokio::time::Instant,
+    timeout: Duration,
+    fut: impl Future<Output = T>,
+) -> Result<T, ProxyError> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        loop {
+            let at = deadline();
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Progress since the timer was set moved the deadline on.
+                Poll::Ready(()) if deadline() != at => continue,
+                Poll::Ready(()) => return Poll::Ready(Err(ProxyError::Timeout(timeout))),
+            }
+        }
+    })
+    .await
 }
 
 /// Idle upstream connections, the most recently used last, one shard per
@@ -796,7 +834,7 @@ mod tests {
             assertion: None,
         };
         let proxy = Proxy::new(&settings, &[], 1).expect("proxy");
-        let send = proxy.send(Request::new(empty()));
+        let send = proxy.send(Request::new(empty()), tokio::time::Instant::now(), None);
         let dial = proxy.connect();
         let (send, dial) = (std::mem::size_of_val(&send), std::mem::size_of_val(&dial));
         assert!(send < dial, "exchange future {send} bytes, dial {dial}");

@@ -409,6 +409,32 @@ async fn limits_on_heads_targets_and_slow_clients() {
 }
 
 #[tokio::test]
+// The upstream timeout holds on a pooled connection too, whose timer is
+// the connection's own, moved on for each request: a slow answer on a
+// reused connection is a 504, and the requests before and after it are
+// served.
+async fn upstream_timeout_on_a_reused_connection() {
+    use tokio::io::AsyncWriteExt;
+    let (up, gw) = setup().await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let mut ask = async |path: &str| {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        read_response(&mut s).await
+    };
+    assert_eq!(ask("/assets/a").await.0, 200);
+    assert_eq!(ask("/assets/b").await.0, 200);
+    assert_eq!(up.connections(), 1, "the pooled connection was not reused");
+    let (status, body) = ask("/slow?ms=4000").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("upstream_timeout"), "{body}");
+    assert_eq!(ask("/assets/c").await.0, 200);
+}
+
+#[tokio::test]
 // Upstream failures map to 502/504 with a short JSON error.
 async fn upstream_errors_map_to_502_and_504() {
     let up = Upstream::start().await;
