@@ -170,8 +170,13 @@ pub fn set_forwarded(
         headers.insert(X_FORWARDED_FOR, ip_value(conn.peer.ip()));
         headers.insert(X_FORWARDED_PROTO, proto);
         // The client's own is replaced, or removed when there is no host
-        // (or it is not a valid value).
-        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        // (or it is not a valid value). Usually the host is the client's
+        // `Host` header, whose value is shared rather than copied.
+        let value = host.and_then(|h| match headers.get(header::HOST) {
+            Some(v) if v.as_bytes() == h.as_bytes() => Some(v.clone()),
+            _ => HeaderValue::from_str(h).ok(),
+        });
+        match value {
             Some(v) => {
                 headers.insert(X_FORWARDED_HOST, v);
             }

@@ -945,6 +945,23 @@ async fn a_head_trickled_faster_than_the_park_still_times_out() {
         "a trickled keep-alive head held the connection for {sent} bytes"
     );
     wait_metric(&gw, "stepgate_open_connections 0").await;
+
+    // A keep-alive connection that sends nothing more is closed after
+    // about header_read_timeout (2s) too, once parked.
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /assets/e HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "an idle keep-alive connection was not closed: {closed:?}"
+    );
 }
 
 /// A dev CA and a server certificate for localhost, made by the script

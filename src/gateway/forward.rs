@@ -51,9 +51,15 @@ pub(super) async fn run(
     proxy::set_forwarded(headers, &ex.conn, ex.trusted_proxy, ex.host.as_deref());
     if let Some(h) = &ex.host {
         // The host the rules matched is the host the app reads (HTTP/2
-        // carries it in :authority; HTTP/1.1 upstreams need Host).
-        if let Ok(v) = HeaderValue::from_str(h) {
-            headers.insert(HOST, v);
+        // carries it in :authority; HTTP/1.1 upstreams need Host). Most
+        // often it is the client's `Host` already, left as it is.
+        let same = headers
+            .get(HOST)
+            .is_some_and(|v| v.as_bytes() == h.as_bytes());
+        if !same {
+            if let Ok(v) = HeaderValue::from_str(h) {
+                headers.insert(HOST, v);
+            }
         }
     }
     let req = Request::from_parts(parts, body);

@@ -92,9 +92,10 @@ pub(super) fn valid_host(host: Option<&str>) -> Result<Option<String>, Rejection
     match host {
         Some(h)
             if h.is_empty()
-                || !h
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b)) =>
+                || !h.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+                }) =>
         {
             Err(Rejection::BadHost)
         }
