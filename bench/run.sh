@@ -498,19 +498,21 @@ idle_client() { # port count mode(request|connect) -> prints the connections ope
   python3 "$work/idle.py" "$@"
 }
 if want "idle"; then
-  # A gateway of its own per binary, started now: the gateways above hold
-  # what the load scenarios left (the one_time runs' spent-token marks,
-  # tens of MiB), which is not what idle connections cost. nginx keeps
-  # nothing between requests; its proxy is the one measured above.
+  # A fresh gateway per binary and per measurement, started now: the
+  # gateways above hold what the load scenarios left (the one_time runs'
+  # spent-token marks, tens of MiB), and one that had already held 10,000
+  # connections keeps its allocator's pages of them, neither of which is
+  # what idle connections cost. nginx keeps nothing between requests; its
+  # proxy is the one measured above.
   declare -A IDLE_GW
-  for entry in "${bins[@]}"; do
-    label=${entry%%:*} b=${entry#*:}; tag=$(echo "$label" | tr -cd 'a-z')
-    gateway_yaml "$tag-idle" HS256 memory off > "$work/$tag-idle.ports"
-    "$b" check -c "$work/$tag-idle.yaml" >/dev/null 2>&1 || sed -i '/max_connections/d' "$work/$tag-idle.yaml"
-    start_gateway "$tag-idle" "$b"
-    IDLE_GW[$tag]="$gw_port:$gw_pid"
-  done
   for mode in connect request; do
+    for entry in "${bins[@]}"; do
+      label=${entry%%:*} b=${entry#*:}; tag=$(echo "$label" | tr -cd 'a-z')
+      gateway_yaml "$tag-idle-$mode" HS256 memory off > "$work/$tag-idle-$mode.ports"
+      "$b" check -c "$work/$tag-idle-$mode.yaml" >/dev/null 2>&1 || sed -i '/max_connections/d' "$work/$tag-idle-$mode.yaml"
+      start_gateway "$tag-idle-$mode" "$b"
+      IDLE_GW[$tag]="$gw_port:$gw_pid"
+    done
     targets=("nginx:$nginx_proxy:$nginx_pid")
     for entry in "${bins[@]}"; do
       label=${entry%%:*}; tag=$(echo "$label" | tr -cd 'a-z')
@@ -521,7 +523,11 @@ if want "idle"; then
       before=$(rss_kib "$tpid")
       coproc IDLE { idle_client "$tport" "$IDLE_CONNS" "$mode"; }
       read -r opened <&"${IDLE[0]}"
-      sleep 1
+      # Idle, not the tail of the burst: stepgate parks a connection 250
+      # ms after its exchange and its allocator returns freed pages 100 ms
+      # later; RSS measured 1 s after the last answer still held part of
+      # the burst (68 -> 56 MiB within the next second, steady after).
+      sleep 3
       after=$(rss_kib "$tpid")
       exec {IDLE[1]}>&-
       wait "$IDLE_PID" 2>/dev/null || true
@@ -529,6 +535,10 @@ if want "idle"; then
       [ "$mode" = connect ] && what="$IDLE_CONNS idle connections, nothing sent"
       printf '%s\t%s\t%s\t%s\t%s\n' "$what" "$label" "$opened" "$((after / 1024))" "$(((after - before) * 1024 / ${opened:-1}))" >> "$work/idle.tsv"
       sleep 1
+    done
+    for entry in "${bins[@]}"; do
+      label=${entry%%:*}; tag=$(echo "$label" | tr -cd 'a-z')
+      kill "${IDLE_GW[$tag]#*:}" 2>/dev/null || true
     done
   done
 fi
