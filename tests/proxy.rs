@@ -964,6 +964,31 @@ async fn a_head_trickled_faster_than_the_park_still_times_out() {
     );
 }
 
+#[tokio::test]
+// A request whose body the gateway refuses without reading (a POST to a
+// route that needs an identity, without one) leaves hyper draining the
+// body, and the connection never counts as idle: it must still be closed
+// once nothing arrives for header_read_timeout (2s), not held forever.
+async fn a_connection_after_a_refused_body_is_not_held_forever() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, gw) = setup().await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"POST /account/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(up.hits(), 0);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the connection was held open: {closed:?}"
+    );
+}
+
 /// A dev CA and a server certificate for localhost, made by the script
 /// the README tells operators to use.
 fn make_cert(

@@ -108,6 +108,13 @@ impl Activity {
         self.0.fetch_or(TUNNEL, Ordering::AcqRel);
     }
 
+    /// The current response is out (hyper dropped its body) but the
+    /// request's body is not finished; never on a tunnel.
+    fn draining(&self) -> bool {
+        let cur = self.0.load(Ordering::Acquire);
+        cur & (REQUEST_DONE | RESPONSE_DONE | TUNNEL) == RESPONSE_DONE
+    }
+
     /// Between two exchanges: safe to end hyper's connection.
     fn idle(&self) -> bool {
         let cur = self.0.load(Ordering::Acquire);
@@ -134,8 +141,14 @@ pub(super) struct ParkIo {
     /// complete: set on the first empty read after that exchange (as
     /// hyper's own timer starts when it begins to read a head).
     head_by: Option<(u64, Instant)>,
-    /// Wakes hyper at `park_at` or `head_by`, whichever is first; armed
-    /// at most once per [`PARK_AFTER`] on a busy connection.
+    /// When the connection is closed if nothing more arrives, once the
+    /// response is out but the request's body is not finished (refused
+    /// unread, which hyper then drains; or still uploading after an
+    /// early answer): set on the first empty read in that state, cleared
+    /// by any byte read.
+    drain_by: Option<Instant>,
+    /// Wakes hyper at `park_at`, `head_by` or `drain_by`, whichever is
+    /// first; armed at most once per [`PARK_AFTER`] on a busy connection.
     timer: Option<Pin<Box<Sleep>>>,
     parked: bool,
 }
@@ -154,6 +167,7 @@ impl ParkIo {
             park_at: None,
             head_timeout,
             head_by: None,
+            drain_by: None,
             timer: None,
             parked: false,
         }
@@ -186,6 +200,7 @@ impl ParkIo {
         };
         self.parked = false;
         self.park_at = None;
+        self.drain_by = None;
         self.timer = None;
     }
 
@@ -198,8 +213,11 @@ impl ParkIo {
     /// been idle long enough, else arrange to be polled again when one of
     /// the two will be due.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.dirty || !self.activity.idle() {
+        if self.dirty {
             return Poll::Pending;
+        }
+        if !self.activity.idle() {
+            return self.poll_draining(cx);
         }
         let now = Instant::now();
         let gen = self.activity.generation();
@@ -215,7 +233,35 @@ impl ParkIo {
         if let Some(due) = Self::due(now, head_by, park_at) {
             return Poll::Ready(due);
         }
-        let at = park_at.min(head_by);
+        self.arm(cx, park_at.min(head_by));
+        Poll::Pending
+    }
+
+    /// Mid-exchange: nothing is due until the response is out. After it,
+    /// a request body that is not finished must keep arriving: after
+    /// `head_timeout` without a byte the connection ends (hyper's own
+    /// header timer used to end such a connection once it had drained
+    /// the body; a body refused unread would otherwise keep an idle
+    /// connection open for good, as it never counts as idle).
+    fn poll_draining(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.activity.draining() {
+            return Poll::Pending;
+        }
+        let now = Instant::now();
+        let by = *self.drain_by.get_or_insert(now + self.head_timeout);
+        if now >= by {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request body not finished within listen.header_read_timeout of the response",
+            )));
+        }
+        self.arm(cx, by);
+        Poll::Pending
+    }
+
+    /// Have the task woken at `at` at the latest (the caller has checked
+    /// that nothing is due before it).
+    fn arm(&mut self, cx: &mut Context<'_>, at: Instant) {
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
@@ -224,16 +270,10 @@ impl ParkIo {
         if timer.is_elapsed() || timer.deadline() > at {
             timer.as_mut().reset(at);
         }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => match Self::due(Instant::now(), head_by, park_at) {
-                Some(due) => Poll::Ready(due),
-                None => {
-                    timer.as_mut().reset(at);
-                    let _ = timer.as_mut().poll(cx);
-                    Poll::Pending
-                }
-            },
-            Poll::Pending => Poll::Pending,
+        if timer.as_mut().poll(cx).is_ready() {
+            // `at` passed since the caller looked: be polled again, and
+            // find it due.
+            cx.waker().wake_by_ref();
         }
     }
 
@@ -275,6 +315,7 @@ impl AsyncRead for ParkIo {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     this.park_at = None;
+                    this.drain_by = None;
                 }
                 Poll::Ready(Ok(()))
             }
@@ -468,10 +509,13 @@ mod tests {
         assert!(a.idle(), "a new connection awaits its first head");
         let g1 = a.request_started(false);
         assert!(!a.idle());
+        assert!(!a.draining(), "no response yet");
         a.mark(g1, RESPONSE_DONE);
         assert!(!a.idle(), "request body still being read");
+        assert!(a.draining(), "answered, body still coming");
         a.mark(g1, REQUEST_DONE);
         assert!(a.idle());
+        assert!(!a.draining());
         let g2 = a.request_started(true);
         assert!(!a.idle(), "response of the new request not done");
         a.mark(g1, RESPONSE_DONE);
@@ -480,6 +524,10 @@ mod tests {
         assert!(a.idle());
         a.tunnel();
         assert!(!a.idle(), "a tunnel is never parked");
+        assert!(!a.draining(), "nor timed out as a body");
+        let g3 = a.request_started(false);
+        a.mark(g3, RESPONSE_DONE);
+        assert!(!a.draining(), "a tunnel's reads are never a body");
         a.request_started(true);
         assert!(!a.idle());
     }
