@@ -472,6 +472,7 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::Connect(error_chain(&*e)))?;
         let (conn, task) = http1::Builder::new()
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|e| ProxyError::Connect(error_chain(&e)))?;
