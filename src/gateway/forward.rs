@@ -40,10 +40,12 @@ pub(super) async fn run(
         .and_then(|a| sign_assertion(a, &req, ex.rule));
     let (mut parts, body) = req.into_parts();
     let headers = &mut parts.headers;
-    s.stepup.strip_token(headers);
+    s.stepup.strip_token(headers, &ex.carried);
     // HTTP/2 clients send one `cookie` field per cookie (RFC 9113
     // 8.2.3); an HTTP/1.1 upstream expects them in one header.
-    cookies::join(headers);
+    if ex.carried.cookie {
+        cookies::join(headers);
+    }
     set_identity_headers(headers, &parts.extensions);
     if let Some((name, value)) = assertion {
         headers.insert(name, value);

@@ -14,6 +14,14 @@ pub(super) async fn run(
     req: &mut Request<Body>,
     ex: &mut Exchange<'_>,
 ) -> Result<(), Rejection> {
+    // A primary token comes in `Authorization` or `Cookie`; without
+    // either (and without a trusted-header identity) there is none to find.
+    if !ex.carried.authorization
+        && !ex.carried.cookie
+        && s.auth.trusted_header_names().next().is_none()
+    {
+        return Ok(());
+    }
     // The query of the request decided (the original one in forward-auth).
     let query = ex.target.split_once('?').map(|(_, q)| q);
     match s

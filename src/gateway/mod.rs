@@ -31,7 +31,7 @@ use http_body_util::BodyExt;
 use crate::assertion::PublishedKeys;
 use crate::config::Config;
 use crate::http::negotiate::Client;
-use crate::http::{Body, BoxError, Rejection};
+use crate::http::{Body, BoxError, Carried, Rejection};
 use crate::identity::{Authenticator, Identity};
 use crate::policy::{Action, Rule};
 use crate::proxy::{ClientConn, Proxy};
@@ -238,6 +238,9 @@ pub struct Exchange<'s> {
     pub client: Client,
     /// A WebSocket upgrade to pass through.
     pub upgrade: bool,
+    /// Which headers the later phases read the request carries (noted
+    /// by `sanitise`; until then, any).
+    pub carried: Carried,
     /// The matched rule, and what the policy asks of the request.
     pub rule: Option<&'s Rule>,
     pub action: &'s Action,
@@ -263,6 +266,7 @@ impl<'s> Exchange<'s> {
             target: String::new(),
             client: Client::of(req.method(), req.headers()),
             upgrade: false,
+            carried: Carried::ANY,
             rule: None,
             action: &Action::Public,
             rule_label: no_rule,

@@ -3,10 +3,11 @@
 //! second factor. A method override header may not move the request to a
 //! rule the policy did not check.
 
-use http::{HeaderMap, HeaderName, Method, Request};
+use http::{HeaderMap, Method, Request};
 use std::sync::Arc;
 
 use super::{Exchange, State};
+use crate::http::carried::METHOD_OVERRIDE;
 use crate::http::{Body, Rejection};
 use crate::identity::Identity;
 use crate::policy::{Action, DefaultPolicy, Rule};
@@ -37,9 +38,11 @@ pub(super) fn run<'s>(
     ex.rule = rule;
     // e.g. POST + X-HTTP-Method-Override: delete must not reach a rule
     // that only the DELETE was checked against.
-    if let Some(m) = override_method(req.headers())? {
-        if !same_rule(cfg.policy.route(&m, host, &ex.path), rule) {
-            return Err(Rejection::MethodOverride);
+    if ex.carried.method_override {
+        if let Some(m) = override_method(req.headers())? {
+            if !same_rule(cfg.policy.route(&m, host, &ex.path), rule) {
+                return Err(Rejection::MethodOverride);
+            }
         }
     }
     ex.action = match rule {
@@ -60,16 +63,9 @@ pub(super) fn run<'s>(
     }
 }
 
-/// Method override headers (Rails, Express, Symfony, ASP.NET; a `_method`
+/// The method the override headers ([`METHOD_OVERRIDE`]; a `_method`
 /// form field is inside the body, which the policy cannot see: see
-/// README). `sanitise` has removed every other spelling of them.
-const METHOD_OVERRIDE: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
-
-/// The method the override headers ask for, upper-cased as frameworks do
+/// README; `sanitise` has removed every other spelling of them) ask for, upper-cased as frameworks do
 /// (`delete` is DELETE to them). Every line of every override header
 /// counts: an app may read the last copy, or another header than the
 /// first. Values that differ, or are not a method, are refused.

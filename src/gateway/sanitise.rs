@@ -18,7 +18,7 @@
 use http::{HeaderMap, HeaderName, Request};
 
 use super::{Exchange, State};
-use crate::http::Body;
+use crate::http::{Body, Carried};
 use crate::proxy;
 use crate::telemetry::Mode;
 
@@ -101,13 +101,22 @@ const RESERVED_FIRST: [bool; 256] = {
 };
 
 pub(super) fn run(s: &State, req: &mut Request<Body>, ex: &mut Exchange<'_>) {
-    ex.upgrade = ex.mode == Mode::Proxy && proxy::wants_upgrade(req.headers(), req.version());
+    // Noted before anything is removed: a header removed below stays
+    // noted (a later lookup finds nothing), never the other way round.
+    ex.carried = Carried::of(req.headers(), &s.config.stepup.token.header);
+    ex.upgrade = ex.mode == Mode::Proxy
+        && ex.carried.upgrade
+        && proxy::wants_upgrade(req.headers(), req.version());
     let headers = req.headers_mut();
     let trusts_identity = s.auth.trusts_header_from(ex.conn.peer.ip());
     // One pass over the names present: hop-by-hop ones (and those
     // `Connection` names), then the listed ones; only those found are
     // removed.
-    let named: Vec<&str> = proxy::connection_tokens(headers).collect();
+    let named: Vec<&str> = if ex.carried.connection {
+        proxy::connection_tokens(headers).collect()
+    } else {
+        Vec::new()
+    };
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {

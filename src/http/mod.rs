@@ -6,6 +6,7 @@
 //! build on this module, and it imports neither.
 
 pub mod body;
+pub mod carried;
 pub mod cookies;
 pub mod form;
 pub mod negotiate;
@@ -13,4 +14,5 @@ pub mod rejection;
 pub mod response;
 
 pub use self::body::{empty, full, read_limited, Body, BodyError, BoxError};
+pub use self::carried::Carried;
 pub use self::rejection::Rejection;

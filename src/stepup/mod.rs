@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 
 use crate::channel::Channel;
 use crate::delivery::{ConsoleNotifier, EmailNotifier, Notifier, SmsNotifier};
-use crate::http::{cookies, read_limited, Body, Rejection};
+use crate::http::{cookies, read_limited, Body, Carried, Rejection};
 use crate::identity::Identity;
 use crate::policy::{Rule, StepUp as Need};
 use crate::proxy::ClientConn;
@@ -210,10 +210,15 @@ impl Stepup {
             .or_else(|| cookies::cookie(headers, &self.cfg.token.cookie))
     }
 
-    /// Remove the second-factor token header and cookie before forwarding.
-    pub fn strip_token(&self, headers: &mut HeaderMap) {
-        headers.remove(&self.cfg.token.header);
-        cookies::remove_cookie(headers, &self.cfg.token.cookie);
+    /// Remove the second-factor token header and cookie before forwarding
+    /// (those of the two `carried` says the request may have).
+    pub fn strip_token(&self, headers: &mut HeaderMap, carried: &Carried) {
+        if carried.second_factor {
+            headers.remove(&self.cfg.token.header);
+        }
+        if carried.cookie {
+            cookies::remove_cookie(headers, &self.cfg.token.cookie);
+        }
     }
 
     /// Does this request carry a fresh factor bound to `id` for `rule`?
