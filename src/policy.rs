@@ -806,14 +806,16 @@ impl HostPattern {
 /// `user@`), no port (also for `[::1]:8080`), no trailing dot. Case is left
 /// alone; comparisons ignore it.
 fn bare_host(host: &str) -> &str {
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    // Byte searches (`memchr`): this runs on every request, and `str`'s
+    // char searchers cost several times more on a short host.
+    let host = memchr::memrchr(b'@', host.as_bytes()).map_or(host, |i| &host[i + 1..]);
     let h = if host.starts_with('[') {
-        match host.find(']') {
+        match memchr::memchr(b']', host.as_bytes()) {
             Some(i) => &host[..=i],
             None => host,
         }
     } else {
-        match host.find(':') {
+        match memchr::memchr(b':', host.as_bytes()) {
             Some(i) => &host[..i],
             None => host,
         }
