@@ -29,6 +29,16 @@ pub struct Carried {
 }
 
 impl Carried {
+    /// A request that carries none of them.
+    pub const NONE: Carried = Carried {
+        upgrade: false,
+        connection: false,
+        authorization: false,
+        cookie: false,
+        method_override: false,
+        second_factor: false,
+    };
+
     pub const ANY: Carried = Carried {
         upgrade: true,
         connection: true,
@@ -42,14 +52,7 @@ impl Carried {
     /// under these names: the pipeline adds none of them before it
     /// forwards.
     pub fn of(headers: &HeaderMap, second_factor: &HeaderName) -> Carried {
-        let mut c = Carried {
-            upgrade: false,
-            connection: false,
-            authorization: false,
-            cookie: false,
-            method_override: false,
-            second_factor: false,
-        };
+        let mut c = Carried::NONE;
         for name in headers.keys() {
             if *name == UPGRADE {
                 c.upgrade = true;
@@ -89,17 +92,7 @@ mod tests {
     fn each_name_is_noted_and_nothing_else() {
         let sf = HeaderName::from_static("x-second-factor-token");
         let none = Carried::of(&map(&["host", "accept", "x-other"]), &sf);
-        assert_eq!(
-            none,
-            Carried {
-                upgrade: false,
-                connection: false,
-                authorization: false,
-                cookie: false,
-                method_override: false,
-                second_factor: false,
-            }
-        );
+        assert_eq!(none, Carried::NONE);
         let all = map(&[
             "upgrade",
             "connection",
