@@ -63,12 +63,13 @@ pub(super) fn run<'s>(
     }
 }
 
-/// The method the override headers ([`METHOD_OVERRIDE`]; a `_method`
-/// form field is inside the body, which the policy cannot see: see
-/// README; `sanitise` has removed every other spelling of them) ask for, upper-cased as frameworks do
-/// (`delete` is DELETE to them). Every line of every override header
-/// counts: an app may read the last copy, or another header than the
-/// first. Values that differ, or are not a method, are refused.
+/// The method the override headers ask for ([`METHOD_OVERRIDE`]; a
+/// `_method` form field is inside the body, which the policy cannot see:
+/// see README; `sanitise` has removed every other spelling of them),
+/// upper-cased as frameworks do (`delete` is DELETE to them). Every line
+/// of every override header counts: an app may read the last copy, or
+/// another header than the first. Values that differ, or are not a
+/// method, are refused.
 fn override_method(headers: &HeaderMap) -> Result<Option<Method>, Rejection> {
     let mut found: Option<Method> = None;
     for v in METHOD_OVERRIDE.iter().flat_map(|n| headers.get_all(n)) {
